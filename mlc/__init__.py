@@ -1,0 +1,3 @@
+"""mlc: the model lifecycle command line."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""GGUF checkpoint format for mlc."""
