@@ -1,0 +1,79 @@
+"""Artifact references: a path, run:<id>, run:<id>/<artifact>, latest:<command>[/<artifact>]."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlc.errors import InputError
+from mlc.runs import index
+from mlc.runs.rundir import read_run
+
+
+@dataclass(frozen=True)
+class ResolvedRef:
+    path: Path
+    run_id: str | None = None
+    artifact: str | None = None
+
+
+def is_ref(text: str) -> bool:
+    return text.startswith(("run:", "latest:"))
+
+
+def resolve(ref: str, runs_root: Path) -> ResolvedRef:
+    """Turn a reference into an existing path (with its producing run when known)."""
+    if ref.startswith("run:"):
+        run_part, _, artifact = ref[4:].partition("/")
+        return _artifact_of(find_run(runs_root, run_part), artifact or None, ref)
+    if ref.startswith("latest:"):
+        command, _, artifact = ref[7:].partition("/")
+        runs = index.query_runs(runs_root, command=command, status="completed")
+        runs = [r for r in runs if r.get("artifacts")]
+        if not runs:
+            raise InputError(f"no completed {command} run with an artifact under {runs_root}", "list runs with `mlc runs ls`")
+        return _artifact_of(Path(runs[0]["path"]), artifact or None, ref)
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise InputError(f"{ref} does not exist", "give a path, or a reference like run:<id>/<artifact> or latest:<command>")
+    return ResolvedRef(path.absolute())
+
+
+def find_run(runs_root: Path, key: str) -> Path:
+    """A run directory by full id, short id, or unique prefix."""
+    if not key:
+        raise InputError("empty run id in reference", "use run:<id>, e.g. run:3fa2c1")
+    candidates = [p for p in index.run_dirs(runs_root) if p.name == key or p.name.startswith(key) or p.name.endswith("-" + key)]
+    exact = [p for p in candidates if p.name == key or p.name.endswith("-" + key)]
+    if len(exact) == 1:
+        return exact[0]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise InputError(f"no run {key!r} under {runs_root}", "list runs with `mlc runs ls`")
+    raise InputError(f"run id {key!r} is ambiguous ({len(candidates)} runs match)", "give more of the id")
+
+
+def _artifact_of(run_path: Path, artifact: str | None, ref: str) -> ResolvedRef:
+    record = read_run(run_path)
+    artifacts = record.data.get("artifacts", {})
+    if artifact is None:
+        if len(artifacts) == 1:
+            artifact = next(iter(artifacts))
+        elif "model" in artifacts:
+            artifact = "model"
+        elif not artifacts:
+            raise InputError(f"run {record.id} has no artifacts ({record.status})", "pick a run that finished making one")
+        else:
+            raise InputError(f"run {record.id} has several artifacts: {', '.join(artifacts)}", f"say which, e.g. {ref}/{next(iter(artifacts))}")
+    if artifact not in artifacts:
+        names = ", ".join(artifacts) or "none"
+        raise InputError(f"run {record.id} has no artifact {artifact!r}", f"its artifacts: {names}")
+    manifest = run_path / "artifacts" / artifact / "manifest.json"
+    if not manifest.is_file():
+        raise InputError(f"artifact {artifact!r} of run {record.id} is incomplete (no manifest)", "rerun the command that makes it")
+    path = Path(json.loads(manifest.read_text())["path"])
+    if not path.exists():
+        raise InputError(f"artifact {artifact!r} of run {record.id} was at {path}, which no longer exists", "it was moved or deleted")
+    return ResolvedRef(path, record.id, artifact)
