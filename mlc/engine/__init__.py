@@ -1,0 +1,1 @@
+"""The distributed engine: launch, process groups, parallelism, checkpoint manager. Import submodules directly."""

@@ -1,0 +1,1 @@
+"""Kernels: quantised linear layers, attention over a paged KV cache, sampling. Import submodules directly."""
