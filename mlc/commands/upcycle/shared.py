@@ -1,0 +1,53 @@
+"""--shared-merge: attention, norms, embeddings (and the shared expert) from a merge of the expert sources.
+
+The method is any `mlc.merge_methods.v1` plugin (see mlc/commands/merge/method.py for the protocol):
+methods that take a base (task arithmetic, TIES, SLERP, ...) get the dense base as `base` and the
+sources as `models`; methods that treat a base as one more input (linear) merge the sources alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from mlc.commands.upcycle.drop import keyed_generator
+
+
+def parse_merge_params(items: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """KEY=VALUE strings into a dict (numbers, booleans or text; comma lists per model); and problems."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--merge-param {item!r} is not KEY=VALUE")
+            continue
+        parsed = yaml.safe_load(f"[{value}]") if "," in value else yaml.safe_load(value)
+        params[key.strip()] = parsed
+    return params, problems
+
+
+def merge_problems(method: Any, params: Mapping[str, Any], sources: int) -> list[str]:
+    """Why this method cannot merge `sources` models with these parameters (empty when it can)."""
+    has_base = getattr(method, "base", "required") == "required"
+    problems = []
+    if (why := method.count_problem(sources, has_base)) is not None:
+        problems.append(f"--shared-merge: {why}")
+    try:
+        method.bind(params, sources)
+    except ValueError as e:
+        problems.append(f"--shared-merge {method.name}: {e}")
+    return problems
+
+
+def merge_shared_tensor(
+    method: Any, params: Mapping[str, Any], seed: int, name: str, base: torch.Tensor, sources: list[torch.Tensor]
+) -> torch.Tensor:
+    """One shared tensor merged from the sources (with the base when the method takes one)."""
+    rng = keyed_generator(seed, "shared-merge", name) if method.random else None
+    if method.base == "required":
+        return method(sources, base=base, params=params, rng=rng, consume=True)
+    return method(sources, base=None, params=params, rng=rng, consume=True)
