@@ -1,0 +1,158 @@
+"""Attention over a paged KV cache for a flat batch of sequences (the serving engine's model step).
+
+Keys and values live in one tensor per layer, (num_blocks * block_size, kv_heads, head_dim): slot
+`block * block_size + offset` holds one position of one sequence. A step runs the model once on all
+new tokens of all scheduled sequences, concatenated into a batch of one: decodes first (one token
+each), then prefill chunks. `PagedBatch` implements the model's AttentionCache protocol for that
+step. Everything that depends only on the step's layout (slots to write, slots to gather, masks) is
+built once in `PagedBatch.__init__` and reused by every layer, so a layer costs two index_copy_,
+one gather per key/value and one scaled-dot-product-attention call for all decodes together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class PagedKVStore:
+    """The physical KV cache: for each layer, keys and values of every slot of every block."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        shape = (num_blocks * block_size, kv_heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.kv_heads, self.head_dim, self.dtype = kv_heads, head_dim, dtype
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes across all layers, keys and values."""
+        return 2 * num_layers * block_size * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class Segment:
+    """The new tokens of one sequence in a step: positions start..start+length-1, over its block table."""
+
+    start: int
+    length: int
+    blocks: list[int]
+
+
+def _slots(blocks: list[int], start: int, end: int, block_size: int) -> list[int]:
+    return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+
+
+class PagedBatch:
+    """One model step over a flat batch: implements AttentionCache (`positions`, `attend`).
+
+    Segments of length 1 at the front of the list are decodes and share one batched attention call;
+    the rest are prefill chunks, each attending to its cached prefix plus itself causally.
+    """
+
+    def __init__(self, store: PagedKVStore, segments: list[Segment]):
+        self.store = store
+        bs = store.block_size
+        device = store.k[0].device
+        self.num_decodes = 0
+        while self.num_decodes < len(segments) and segments[self.num_decodes].length == 1:
+            self.num_decodes += 1
+        pos: list[int] = []
+        slots: list[int] = []
+        for s in segments:
+            pos.extend(range(s.start, s.start + s.length))
+            slots.extend(_slots(s.blocks, s.start, s.start + s.length, bs))
+        self.position_ids = torch.tensor(pos, dtype=torch.long, device=device).unsqueeze(0)
+        self.write_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        self.num_tokens = len(pos)
+
+        # Decodes: gather every key of every decoding sequence, padded to the longest, masked past each length.
+        self._decode_masks: dict[int | None, torch.Tensor | None] = {}
+        if self.num_decodes:
+            decodes = segments[: self.num_decodes]
+            self.decode_lens = torch.tensor([s.start + 1 for s in decodes], device=device)
+            self.decode_max = max(s.start + 1 for s in decodes)
+            gather = []
+            for s in decodes:
+                gather.extend(_slots(s.blocks, 0, s.start + 1, bs))
+                gather.extend([0] * (self.decode_max - s.start - 1))
+            self.decode_gather = torch.tensor(gather, dtype=torch.long, device=device)
+
+        # Prefill chunks: (first token in the flat batch, length, gather index or None when there is no past).
+        self.prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
+        offset = self.num_decodes
+        for s in segments[self.num_decodes :]:
+            gather_idx = None
+            if s.start > 0:
+                gather_idx = torch.tensor(_slots(s.blocks, 0, s.start + s.length, bs), dtype=torch.long, device=device)
+            self.prefills.append((offset, s.length, s.start, gather_idx))
+            offset += s.length
+
+    def positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.position_ids
+
+    def _decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """Additive (decodes, 1, 1, longest) mask: keys past each sequence's length (or outside its window) are -inf."""
+        if window not in self._decode_masks:
+            lens = self.decode_lens[:, None]
+            j = torch.arange(self.decode_max, device=lens.device)[None, :]
+            allowed = j < lens
+            if window is not None:
+                allowed &= j > lens - 1 - window
+            if bool(allowed.all()):
+                mask = None  # every key is visible (always the case at batch size 1): no mask at all
+            else:
+                zero = torch.zeros((), dtype=self.store.dtype, device=lens.device)
+                mask = torch.where(allowed, zero, float("-inf")).to(self.store.dtype)[:, None, None, :]
+            self._decode_masks[window] = mask
+        return self._decode_masks[window]
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None
+    ) -> torch.Tensor:
+        kc, vc = self.store.k[layer_idx], self.store.v[layer_idx]
+        kc.index_copy_(0, self.write_slots, k[0].transpose(0, 1).to(kc.dtype))
+        vc.index_copy_(0, self.write_slots, v[0].transpose(0, 1).to(vc.dtype))
+        hq, hkv, d = q.shape[1], kc.shape[1], q.shape[3]
+        outs = []
+        if self.num_decodes:
+            b, length = self.num_decodes, self.decode_max
+            # GQA without repeating keys: the q heads that share a kv head become that head's "queries".
+            qd = q[0, :, :b].transpose(0, 1).reshape(b, hkv, hq // hkv, d)
+            keys = kc[self.decode_gather].view(b, length, hkv, d).transpose(1, 2)
+            values = vc[self.decode_gather].view(b, length, hkv, d).transpose(1, 2)
+            out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self._decode_mask(sliding_window))
+            outs.append(out.reshape(b, hq, d).transpose(0, 1).unsqueeze(0))
+        for first, n, start, gather_idx in self.prefills:
+            qs = q[:, :, first : first + n]
+            if gather_idx is None and (sliding_window is None or n <= sliding_window):
+                out = F.scaled_dot_product_attention(
+                    qs, k[:, :, first : first + n], v[:, :, first : first + n], is_causal=True, enable_gqa=hq != hkv
+                )
+            else:
+                if gather_idx is None:
+                    keys, values = k[:, :, first : first + n], v[:, :, first : first + n]
+                else:
+                    ctx = start + n
+                    keys = kc[gather_idx].view(1, ctx, hkv, d).transpose(1, 2)
+                    values = vc[gather_idx].view(1, ctx, hkv, d).transpose(1, 2)
+                qpos = torch.arange(start, start + n, device=q.device)[:, None]
+                kpos = torch.arange(keys.shape[2], device=q.device)[None, :]
+                allowed = kpos <= qpos
+                if sliding_window is not None:
+                    allowed &= kpos > qpos - sliding_window
+                out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=allowed, enable_gqa=hq != hkv)
+            outs.append(out)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
