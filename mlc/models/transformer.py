@@ -1,0 +1,226 @@
+"""The native decoder-only transformer: Llama, Mistral, Qwen2, Mixtral and Qwen2-MoE in one module.
+
+Module names mirror the Hugging Face checkpoints, so `model.state_dict()` keys are the tensor names
+on disk (model.layers.0.self_attn.q_proj.weight, ...block_sparse_moe.experts.3.w1.weight, lm_head.weight).
+Every projection is a plain nn.Linear child, so quantisation can swap them and LoRA can wrap them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlc.models.config import ModelConfig
+from mlc.models.kvcache import AttentionCache, causal_attention
+from mlc.models.rope import RotaryTable, apply_rope
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Half precision: normalise in fp32, round, then scale, in transformers' order, so bf16 logits agree.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.window = config.layer_window(layer_idx)
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=config.o_bias)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None = None
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = causal_attention(q, k, v, self.window)
+        else:
+            out = cache.attend(self.layer_idx, q, k, v, sliding_window=self.window)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), with Llama/Qwen names."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MixtralExpert(nn.Module):
+    """SwiGLU with Mixtral's names: w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden, intermediate, bias=False)
+        self.w2 = nn.Linear(intermediate, hidden, bias=False)
+        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class SparseMoE(nn.Module):
+    """Top-k routed experts (softmax, then top-k), plus Qwen2-MoE's sigmoid-gated shared expert."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden, n = config.hidden_size, config.num_experts
+        self.top_k = config.num_experts_per_tok
+        self.normalize = config.model_type == "mixtral" or config.norm_topk_prob
+        self.jitter = config.router_jitter_noise
+        self.gate = nn.Linear(hidden, n, bias=False)
+        if config.model_type == "mixtral":
+            self.experts = nn.ModuleList(MixtralExpert(hidden, config.intermediate_size) for _ in range(n))
+        else:
+            self.experts = nn.ModuleList(MLP(hidden, config.moe_intermediate_size) for _ in range(n))
+        if config.shared_expert_intermediate_size:
+            self.shared_expert = MLP(hidden, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, router logits of shape (tokens, experts)) for x of shape (batch, seq, hidden)."""
+        shape = x.shape
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        flat = x.reshape(-1, shape[-1])
+        router_logits = self.gate(flat)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(flat)
+        # Loop over the experts that got tokens: each runs once on its tokens, as in transformers.
+        for e in chosen.unique().tolist():
+            token, slot = torch.where(chosen == e)
+            y = self.experts[e](flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.view(shape), router_logits
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The feed-forward module's name is part of the checkpoint format: Mixtral calls it block_sparse_moe.
+        self.ffn_name = "block_sparse_moe" if config.model_type == "mixtral" else "mlp"
+        if config.layer_is_sparse(layer_idx):
+            ffn: nn.Module = SparseMoE(config)
+        else:
+            ffn = MLP(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        setattr(self, self.ffn_name, ffn)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(hidden states, router logits or None for a dense layer)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        out = getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+        if isinstance(out, tuple):
+            out, router_logits = out
+            return x + out, router_logits
+        return x + out, None
+
+
+class Transformer(nn.Module):
+    """Embeddings, decoder layers and the final norm (transformers' LlamaModel)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope = RotaryTable(config)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (batch, seq or logits_to_keep, vocab); None with skip_logits
+    hidden_states: list[torch.Tensor] | None = None  # embeddings, then each layer's output; the last is normed
+    router_logits: list[torch.Tensor] | None = None  # one (tokens, experts) tensor per sparse layer
+    last_hidden_state: torch.Tensor | None = None  # the final normed hidden states, always set
+
+
+class CausalLM(nn.Module):
+    """A language model: model (Transformer) + lm_head, HF names. Decoder blocks are model.layers[i]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Transformer(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the output head when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        cache: AttentionCache | None = None,
+        output_hidden_states: bool = False,
+        output_router_logits: bool = False,
+        logits_to_keep: int = 0,
+        skip_logits: bool = False,
+    ) -> ModelOutput:
+        """Run the model on input_ids (batch, seq).
+
+        position_ids default to 0..seq-1, or to what the cache says comes next. logits_to_keep=N
+        computes logits for the last N positions only (0 = all): generation needs just the last.
+        skip_logits leaves out the head entirely (for chunked losses or hidden-state features).
+        """
+        if position_ids is None:
+            if cache is not None:
+                position_ids = cache.positions(input_ids)
+            else:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.model.rope.cos_sin(position_ids, x.dtype)
+        hidden = [x] if output_hidden_states else None
+        routers: list[torch.Tensor] | None = [] if output_router_logits else None
+        for layer in self.model.layers:
+            x, router_logits = layer(x, cos, sin, cache)
+            if hidden is not None:
+                hidden.append(x)
+            if routers is not None and router_logits is not None:
+                routers.append(router_logits)
+        x = self.model.norm(x)
+        if hidden is not None:
+            hidden[-1] = x  # as in transformers: the last hidden state is the normed one
+        logits = None
+        if not skip_logits:
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return ModelOutput(logits, hidden, routers, x)
