@@ -1,0 +1,152 @@
+"""Merging from Python: a whole merge (`run_merge`), a plan without the work (`plan_merge`), one tensor (`merge_tensors`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import yaml
+
+from mlc import plugins
+from mlc.commands.merge.config import MergeConfig, load_yaml, parse_config
+from mlc.commands.merge.executor import execute
+from mlc.commands.merge.method import MergeMethod
+from mlc.commands.merge.plan import Job, MergePlan, build_plan
+from mlc.errors import ValidationError
+from mlc.io.hfdir import write_config
+from mlc.io.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    files: list[str]
+    tensors: int
+    run_id: str | None
+    warnings: list[str]
+
+
+def load_config(config: str | os.PathLike | Mapping[str, Any] | MergeConfig) -> tuple[MergeConfig, str]:
+    """A parsed config and its text, from a YAML path, a mapping or a MergeConfig; ValidationError if malformed."""
+    if isinstance(config, MergeConfig):
+        return config, yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if isinstance(config, Mapping):
+        data, text = dict(config), yaml.safe_dump(dict(config), sort_keys=False)
+    else:
+        data, text = load_yaml(config)
+    parsed, problems = parse_config(data)
+    if problems or parsed is None:
+        raise ValidationError(problems, what="merge config")
+    return parsed, text
+
+
+def plan_merge(
+    config: str | os.PathLike | Mapping[str, Any] | MergeConfig,
+    runs_root: str | os.PathLike | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> MergePlan:
+    """Validate a merge completely (reading no weights) and return its plan; ValidationError lists every problem."""
+    from mlc import options
+
+    parsed, _ = load_config(config)
+    root = Path(runs_root) if runs_root is not None else options.get().runs_dir
+    extra = []
+    if out is not None and Path(out).exists() and not overwrite:
+        extra.append(f"output {out} already exists (pass --overwrite to replace it)")
+    try:
+        plan = build_plan(parsed, root, dict(parameters or {}), seed)
+    except ValidationError as e:
+        raise ValidationError(e.problems + extra, what="merge config") from None
+    if extra:
+        raise ValidationError(extra, what="merge config")
+    return plan
+
+
+def write_model(plan: MergePlan, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, on_done: Callable[[Job], None] | None = None, config_text: str | None = None) -> list[str]:
+    """Stream the merged weights, config, tokenizer and chat template into out_dir (which must exist)."""
+    from mlc.commands.merge import tokenizer
+    from mlc.io.hfdir import SIDE_FILES
+
+    files = execute(plan, out_dir, max_shard_bytes=max_shard_bytes, on_done=on_done)
+    write_config(out_dir, plan.out_config)
+    files += ["config.json"] + tokenizer.write_tokenizer(plan, out_dir)
+    tokenizer.set_chat_template(plan, out_dir)
+    for name in SIDE_FILES:
+        if Path(out_dir, name).is_file() and name not in files:
+            files.append(name)
+    if config_text is not None:
+        Path(out_dir, "merge_config.yml").write_text(config_text)
+        files.append("merge_config.yml")
+    return files
+
+
+def resolved_config(plan: MergePlan) -> dict[str, Any]:
+    """The config with every model reference resolved to its path, plus what mlc added (seed, warnings)."""
+    paths = {m.ref: str(m.path) for m in plan.models}
+    data = json.loads(json.dumps(plan.config.to_dict(), default=str))
+
+    def sub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: (paths.get(v, v) if k in ("model", "base_model", "tokenizer_source", "source") and isinstance(v, str) else sub(v)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [sub(v) for v in node]
+        return node
+
+    return {**sub(data), "seed": plan.seed, "method_defaults": {p.name: p.default for p in plan.method.params if not p.required}}
+
+
+def run_merge(
+    config: str | os.PathLike | Mapping[str, Any] | MergeConfig,
+    out: str | os.PathLike,
+    *,
+    runs_root: str | os.PathLike | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    on_plan: Callable[[MergePlan], None] | None = None,
+    on_done: Callable[[Job], None] | None = None,
+) -> MergeResult:
+    """Validate, then merge into the HF directory `out`, recorded as a `merge` run with its inputs and lineage."""
+    from mlc.runs import open_run
+
+    plan = plan_merge(config, runs_root, parameters, seed, out=out, overwrite=overwrite)
+    _, text = load_config(config)
+    if on_plan is not None:
+        on_plan(plan)
+    resolved = resolved_config(plan)
+    with open_run("merge", config=resolved, runs_root=runs_root) as run:
+        run.set_config(resolved, given_text=text, given_suffix=".yml")
+        base_ref = plan.config.base_model
+        for m in plan.models:
+            run.add_input(str(m.path), role="base" if m.ref == base_ref else "model")
+        with run.artifact("model", kind="model", out=out, overwrite=overwrite, meta={"merge_method": plan.method.name}) as staging:
+            files = write_model(plan, staging, max_shard_bytes, on_done, config_text=text)
+        run.set_summary(method=plan.method.name, tensors=len(plan.jobs), models=len(plan.models), out=str(Path(out).absolute()))
+        for w in plan.warnings:
+            run.log(f"warning: {w}")
+        return MergeResult(Path(out).absolute(), files, len(plan.jobs), run.id, plan.warnings)
+
+
+def merge_tensors(
+    method: str | MergeMethod,
+    models: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    params: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Merge one tensor with a method by name (a plugin) or object; inputs are not modified."""
+    m = plugins.load_one("merge_methods", method) if isinstance(method, str) else method
+    if dtype is not None:
+        models = [t.to(dtype) for t in models]
+        base = base.to(dtype) if base is not None else None
+    rng = torch.Generator().manual_seed(seed) if m.random else None
+    return m(models, base, params or {}, rng=rng)

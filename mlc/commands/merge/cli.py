@@ -1,0 +1,133 @@
+"""Merge models from a mergekit YAML; fold, combine and extract LoRA adapters; search merge weights.
+
+Usage:  mlc merge CONFIG.yml --out DIR        (a mergekit YAML, as is)
+        mlc merge lora BASE ADAPTER... --out DIR
+        mlc merge extract-lora BASE TUNED --rank R --out ADAPTER
+        mlc merge search POOL... --objective NAME=FILE --out DIR
+
+Only typer and click are imported here: torch and the merge machinery load when a command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from mlc.cliutil import json_option, new_app
+
+HELP = """Merge models: mergekit YAMLs as is, LoRA adapters, and searched merges of checkpoint pools.
+
+  mlc merge CONFIG.yml --out DIR [options]     run a mergekit-style merge (see `mlc merge run --help`)
+  mlc merge lora BASE ADAPTER... --out DIR      fold (and combine) PEFT LoRA adapters into a base
+  mlc merge extract-lora BASE TUNED --rank R --out ADAPTER
+  mlc merge search POOL... --objective NAME=FILE --out DIR
+
+Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
+della_linear, slerp, model_stock, passthrough (layer stacking with slices), plus any installed plugin.
+Everything is validated before a weight is read; every problem is listed at once.
+
+DARE/DELLA rescaling: mlc defaults to mergekit's (restore each sparsified task vector's L1 norm) so
+its YAMLs give the same models; the papers' 1/(1-p) rescaling is `rescale_mode: inverse_keep` in the
+YAML or --rescale-mode inverse_keep.
+"""
+
+
+class MergeGroup(TyperGroup):
+    """`mlc merge CONFIG.yml ...` runs the hidden `run` command; named subcommands work as usual."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            return "run", self.commands["run"], args
+        return super().resolve_command(ctx, args)
+
+
+app = new_app(HELP)
+app.info.cls = MergeGroup
+
+
+@app.callback()
+def merge_group() -> None:
+    """Merge models (a group: the default command runs a YAML config)."""
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from mlc import console
+
+    if not enabled or not console.progress_enabled():
+        return None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console.err, transient=True)
+    progress.add_task("merging", total=total)
+    return progress
+
+
+@app.command("run", hidden=True)
+def run_command(
+    config: Path = typer.Argument(..., help="A mergekit-style YAML config.", metavar="CONFIG.yml"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory (written atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random methods (dare_*, della*): same seed, same bits."),
+    rescale_mode: Optional[str] = typer.Option(
+        None,
+        "--rescale-mode",
+        help="How DARE/DELLA rescale kept entries: l1 (mergekit's default: restore the L1 norm) or inverse_keep "
+        "(the papers' 1/(1-p)). Sets the global parameter rescale_mode; YAML settings at model or slice level still win.",
+    ),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB."),
+    check: bool = typer.Option(False, "--check", help="Validate the config and inputs, print the plan summary, write nothing."),
+    json_output: bool = json_option(),
+) -> None:
+    """Run a mergekit-style YAML merge into an HF model directory, streamed one tensor at a time."""
+    from mlc import console, options
+    from mlc.commands.merge.api import plan_merge, run_merge
+
+    if rescale_mode is not None and rescale_mode not in ("l1", "inverse_keep"):
+        raise typer.BadParameter("must be l1 or inverse_keep", param_hint="--rescale-mode")
+    overrides = {"rescale_mode": rescale_mode} if rescale_mode else {}
+    as_json = options.want_json(json_output)
+    if check:
+        plan = plan_merge(config, parameters=overrides, seed=seed, out=out, overwrite=overwrite)
+        summary = {"method": plan.method.name, "models": [str(m.path) for m in plan.models], "tensors": len(plan.jobs), "warnings": plan.warnings}
+        for w in plan.warnings:
+            console.warn(w)
+        console.print_json(summary) if as_json else console.info(f"ok: {plan.method.name} over {len(plan.models)} models, {len(plan.jobs)} tensors")
+        return
+    bar = None
+
+    def on_plan(plan: Any) -> None:
+        nonlocal bar
+        for w in plan.warnings:
+            console.warn(w)
+        bar = _progress(len(plan.jobs), not as_json)
+        if bar is not None:
+            bar.start()
+
+    def on_done(job: Any) -> None:
+        if bar is not None:
+            bar.update(bar.task_ids[0], advance=1, description=job.group)
+
+    try:
+        result = run_merge(config, out, parameters=overrides, seed=seed, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), on_plan=on_plan, on_done=on_done)
+    finally:
+        if bar is not None:
+            bar.stop()
+    if as_json:
+        console.print_json({"out": str(result.out), "run": result.run_id, "tensors": result.tensors, "files": result.files, "warnings": result.warnings})
+    else:
+        console.info(f"merged {result.tensors} tensors into {result.out} (run {result.run_id})")
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '5GB', '500MB', '2GiB' or a plain number."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    t = text.strip().lower()
+    number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    try:
+        return int(float(number) * units[t[len(number):].strip()])
+    except (KeyError, ValueError):
+        raise typer.BadParameter(f"{text!r} is not a size like 5GB", param_hint="--max-shard-size") from None

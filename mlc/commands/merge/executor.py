@@ -1,0 +1,171 @@
+"""Streaming execution of a merge plan: read a tensor's inputs, merge, write, free; I/O overlaps compute.
+
+Reader threads prefetch the inputs of the next jobs while the main thread merges the current one,
+and a writer thread writes finished tensors with pwrite into their precomputed place in the shards.
+A byte budget caps what is in flight (inputs read but not merged, outputs merged but not written)
+at the largest single job, so peak memory is about (inputs + 1) x the largest tensor plus the
+method's scratch (at most about two tensors), whatever the model size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from mlc.commands.merge import tokenizer
+from mlc.commands.merge.plan import Job, MergePlan
+from mlc.errors import MlcError
+from mlc.io.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+
+MIN_BUDGET = 32 * 2**20  # lets many small layer tensors be prefetched at once
+
+
+class Budget:
+    """Bytes in flight, with blocking acquire; a request larger than the limit waits for an empty budget."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def try_acquire(self, n: int) -> bool:
+        with self._cond:
+            if self.used and self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def acquire(self, n: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self.used or self.used + n <= self.limit)
+            self.used += n
+
+    def release(self, n: int) -> None:
+        with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+def return_freed_memory_to_os() -> None:
+    """Make glibc serve big buffers with mmap and give them back on free, so RSS tracks live tensors.
+
+    By default glibc raises its mmap threshold after the first large free, after which freed tensors
+    stay in the heap and RSS only grows; pinning the threshold keeps it at 1 MiB.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 0)  # M_TRIM_THRESHOLD: trim the heap top eagerly
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def job_generator(seed: int, name: str) -> torch.Generator:
+    """A generator seeded by (seed, tensor name): the same merge gives the same bits in any order."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def merge_job(plan: MergePlan, job: Job, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One output tensor from its inputs (base last when the job has one), in the output dtype."""
+    method = plan.method
+    out_dtype = plan.output_dtype(job)
+    if not all(t.is_floating_point() for t in tensors):
+        first = tensors[0]
+        if any(t.dtype != first.dtype or not torch.equal(t, first) for t in tensors[1:]):
+            raise MlcError(f"non-floating tensor {job.name} differs between the models", "such buffers must be identical to merge")
+        return first
+    dtype = plan.compute_dtype(job)
+    for i, t in enumerate(tensors):
+        if t.dtype != dtype:
+            tensors[i] = t.to(dtype)
+    base = tensors.pop() if job.base is not None else None
+    rng = job_generator(plan.seed, job.name) if method.random else None
+    if job.vocab:
+        out = tokenizer.reindex_merge(plan, job, tensors, base, rng)
+    else:
+        out = method.fn(tensors, base, job.params, rng)
+    tensors.clear()
+    if tuple(out.shape) != job.shape:
+        raise MlcError(f"merge method {method.name} returned shape {tuple(out.shape)} for {job.name}, expected {job.shape}")
+    return out.to(out_dtype)
+
+
+def read_job(plan: MergePlan, job: Job) -> list[torch.Tensor]:
+    refs = job.inputs + ([job.base] if job.base is not None else [])
+    return [plan.models[m].tensors.read(name) for m, name in refs]
+
+
+def execute(
+    plan: MergePlan,
+    out_dir: Path,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    on_done: Callable[[Job], None] | None = None,
+    readers: int = 2,
+) -> list[str]:
+    """Merge every job of the plan into safetensors shards (plus index) in out_dir; return the file names."""
+    return_freed_memory_to_os()
+    jobs = plan.jobs
+    out_bytes = [job_out_bytes(plan, j) for j in jobs]
+    costs = [plan.input_bytes(j) + o for j, o in zip(jobs, out_bytes)]
+    budget = Budget(max(max(costs, default=0), MIN_BUDGET))
+    layout = [(j.name, plan.output_dtype(j), j.shape) for j in jobs]
+    writer = ShardedWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata={"merged_by": "mlc"})
+    reads: dict[int, Future[list[torch.Tensor]]] = {}
+    writes: list[Future[None]] = []
+    next_read = 0
+
+    def write(job: Job, tensor: torch.Tensor, n: int) -> None:
+        try:
+            writer.write(job.name, tensor)
+        finally:
+            budget.release(n)
+
+    try:
+        with ThreadPoolExecutor(readers, thread_name_prefix="merge-read") as read_pool, ThreadPoolExecutor(
+            1, thread_name_prefix="merge-write"
+        ) as write_pool:
+            for i, job in enumerate(jobs):
+                if next_read == i:  # nothing of this job in flight yet: wait for room
+                    budget.acquire(costs[i])
+                    reads[i] = read_pool.submit(read_job, plan, job)
+                    next_read += 1
+                while next_read < len(jobs) and budget.try_acquire(costs[next_read]):
+                    reads[next_read] = read_pool.submit(read_job, plan, jobs[next_read])
+                    next_read += 1
+                tensors = reads.pop(i).result()
+                in_bytes = sum(t.nbytes for t in tensors)
+                out = merge_job(plan, job, tensors)
+                del tensors
+                budget.release(in_bytes)
+                writes.append(write_pool.submit(write, job, out, out_bytes[i]))
+                del out
+                writes = [w for w in writes if not _done(w)]
+                if on_done is not None:
+                    on_done(job)
+            for w in writes:
+                w.result()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def _done(future: Future[None]) -> bool:
+    if future.done():
+        future.result()  # surface a writer error now
+        return True
+    return False
+
+
+def job_out_bytes(plan: MergePlan, job: Job) -> int:
+    n = plan.output_dtype(job).itemsize
+    for d in job.shape:
+        n *= d
+    return n
