@@ -1,0 +1,242 @@
+"""Linear layers that compute with quantised weights, each on the fastest path its device has.
+
+A quantised model is the same model with these modules in place of nn.Linear (as in gpt-fast).
+On CPU (measured in benchmarks/quant_matmul.py, recorded in benchmarks/RESULTS.md):
+- decode (few rows): torch's packed kernels `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`,
+  fed bf16 activations (fp32 activations make the same kernels 15-40x slower);
+- prefill (PREFILL_ROWS rows and up): dequantise the weight blockwise to bf16 and use the bf16 GEMM
+  (AMX/AVX-512 where the CPU has them), several times faster than the packed kernels at M=256.
+Weights with no packed kernel (code books, fp8, odd shapes, CUDA) take the blockwise dequantise path.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from mlc.kernels import packing
+from mlc.kernels.quant_weights import CodebookWeight, Fp8Weight, IntWeight, OutlierInt8Weight, QuantWeight
+
+PREFILL_ROWS = 16  # rows from which blockwise dequantise + bf16 GEMM beats the packed kernels on CPU
+DEQUANT_BLOCK = 1 << 22  # weight elements dequantised per step of the blockwise path (8 MiB of bf16)
+INT4_KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """bf16 on CPU (the fast GEMM there); the activations' own dtype on accelerators."""
+    return torch.bfloat16 if x.device.type == "cpu" else x.dtype
+
+
+def _blockwise(x: torch.Tensor, n: int, dequant_rows: Callable[[int, int, torch.dtype], torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ W.T where W's rows are dequantised a block at a time, never all at once for big W."""
+    dtype = _compute_dtype(x)
+    xd = x.to(dtype)
+    rows = max(1, DEQUANT_BLOCK // x.shape[1])
+    if n <= rows:
+        return xd @ dequant_rows(0, n, dtype).T
+    out = torch.empty(x.shape[0], n, dtype=dtype, device=x.device)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        torch.matmul(xd, dequant_rows(r0, r1, dtype).T, out=out[:, r0:r1])
+    return out
+
+
+class QuantLinear(nn.Module):
+    """nn.Linear's interface over a quantised weight; subclasses hold the weight in their kernel's layout.
+
+    The kernel layout depends on the device, so a device move goes through the plain QuantWeight:
+    `.to(device)` re-lays the weight for the new device.
+    """
+
+    path: str  # which kernel path forward takes: "int8pack", "int4pack", "dequant", ...
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        # exact: compute in fp32 with the dequantised weight (the quality reference), not the fast path.
+        self.exact = False
+        self._load(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = (self._reference(x2) if self.exact else self._matmul(x2)).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight [out, in] this module computes with."""
+        return self.quant_weight().dequantize(dtype)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's signature
+        super()._apply(fn, recurse)
+        w = self.quant_weight()
+        moved = type(w)(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in vars(w).items()})
+        self._load(moved)
+        return self
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, path={self.path}"
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() @ self.dequantize(torch.float32).T
+
+    # Subclasses: lay out the weight for its device; give it back as plain data; multiply.
+    def _load(self, weight: QuantWeight) -> None:
+        raise NotImplementedError
+
+    def quant_weight(self) -> QuantWeight:
+        raise NotImplementedError
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class IntLinear(QuantLinear):
+    """Affine integer weights (int8 per channel, int4 per group, symmetric or not)."""
+
+    def _load(self, w: IntWeight) -> None:
+        n, k = w.shape
+        self.bits, self.group_size = w.bits, w.group_size
+        self.scale, self.zero_point = w.scale, w.zero_point  # small; kept to give the weight back exactly
+        cpu = w.q.device.type == "cpu"
+        if cpu and w.bits == 8 and w.symmetric and w.group_size is None:
+            self.path = "int8pack"
+            self.q = w.q.contiguous()
+            self._scale_bf16 = w.scale.reshape(n).to(torch.bfloat16)
+        elif (
+            cpu and w.bits == 4 and w.group_size in INT4_KERNEL_GROUPS and k % w.group_size == 0
+            and n % packing.TILE_N == 0 and packing.int4pack_layout_known()
+        ):
+            self.path = "int4pack"
+            self.q = None
+            self._tiles = packing.int4pack_cpu(w.q.to(torch.int32) + 8)
+            scale = w.scale.to(torch.float32)
+            zero = -w.zero_point.to(torch.float32) * scale if w.zero_point is not None else torch.zeros_like(scale)
+            # The kernel computes (u - 8) * scale + zero from unsigned u = q + 8, scales_and_zeros [K/G, N, 2].
+            self._scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        else:
+            self.path = "dequant"
+            self.q = w.q.contiguous()
+
+    def quant_weight(self) -> IntWeight:
+        q = self.q
+        if self.path == "int4pack":
+            q = (packing.unpack_int4pack_cpu(self._tiles, self.out_features, self.in_features).to(torch.int8) - 8)
+        return IntWeight(q, self.scale, self.zero_point, self.bits, self.group_size)
+
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        k, g = self.in_features, self.group_size or self.in_features
+        if self.path == "int4pack":
+            u = packing.unpack_int4pack_cpu(self._tiles, self.out_features, k)[r0:r1]
+            sz = self._scales_and_zeros[:, r0:r1].transpose(0, 1)  # [rows, K/G, 2]
+            w = (u.to(dtype) - 8).view(r1 - r0, k // g, g) * sz[..., :1].to(dtype) + sz[..., 1:].to(dtype)
+            return w.view(r1 - r0, k)
+        q = self.q[r0:r1].to(dtype)
+        if self.zero_point is not None:
+            q = q - self.zero_point[r0:r1].to(dtype).repeat_interleave(g, dim=1)[:, :k]
+        return q * self.scale[r0:r1].to(dtype).repeat_interleave(g, dim=1)[:, :k]
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        decode = x.shape[0] < PREFILL_ROWS
+        if self.path == "int8pack":
+            if decode:
+                return torch._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.q, self._scale_bf16)
+            # Per-channel scale commutes with the GEMM: scale the [M, N] output, not the [N, K] weight.
+            return _blockwise(x, self.out_features, lambda r0, r1, dt: self.q[r0:r1].to(dt)) * self._scale_bf16
+        if self.path == "int4pack" and decode:
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.to(torch.bfloat16).contiguous(), self._tiles, self.group_size, self._scales_and_zeros
+            )
+        return _blockwise(x, self.out_features, self._dequant_rows)
+
+
+class CodebookLinear(QuantLinear):
+    """NF4/FP4 code books (with DAQ's zero points): no packed kernel exists, so always blockwise dequantise."""
+
+    path = "dequant"
+
+    def _load(self, w: CodebookWeight) -> None:
+        self.codes = packing.pack_nibbles(w.codes)
+        self.codebook, self.scale, self.zero = w.codebook.to(torch.float32), w.scale, w.zero
+        self.group_size, self.name = w.group_size, w.name
+
+    def quant_weight(self) -> CodebookWeight:
+        return CodebookWeight(packing.unpack_nibbles(self.codes), self.codebook, self.scale, self.zero, self.group_size, self.name)
+
+    def _dequant_rows(self, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+        k, g = self.in_features, self.group_size
+        codes = packing.unpack_nibbles(self.codes[r0:r1]).long()
+        w = self.codebook.to(dtype)[codes].view(r1 - r0, k // g, g) * self.scale[r0:r1, :, None].to(dtype)
+        if self.zero is not None:
+            w = w + self.zero[r0:r1, :, None].to(dtype)
+        return w.view(r1 - r0, k)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return _blockwise(x, self.out_features, self._dequant_rows)
+
+
+class Fp8Linear(QuantLinear):
+    """float8 e4m3 with per-channel scales: dequantise blockwise, scale the output."""
+
+    path = "dequant"
+
+    def _load(self, w: Fp8Weight) -> None:
+        self.value, self.scale = w.value, w.scale
+        # fp8 -> bf16 is exact; a 256-entry table is faster on CPU than torch's scalar conversion.
+        self._table = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).to(torch.float32).to(w.value.device)
+
+    def quant_weight(self) -> Fp8Weight:
+        return Fp8Weight(self.value, self.scale)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        bits = self.value.view(torch.uint8)
+        y = _blockwise(x, self.out_features, lambda r0, r1, dt: self._table.to(dt)[bits[r0:r1].long()])
+        return y * self.scale.reshape(-1).to(y.dtype)
+
+
+class OutlierInt8Linear(QuantLinear):
+    """LLM.int8(): int8 x int8 for ordinary features (activations quantised per row), 16-bit for outliers."""
+
+    def _load(self, w: OutlierInt8Weight) -> None:
+        self.q, self.scale = w.q.contiguous(), w.scale
+        self.outlier_cols, self.outlier_weight = w.outlier_cols, w.outlier_weight
+        self.path = "int_mm" if w.q.device.type == "cpu" else "dequant"
+        self._scale_bf16 = w.scale.reshape(-1).to(torch.bfloat16)
+
+    def quant_weight(self) -> OutlierInt8Weight:
+        return OutlierInt8Weight(self.q, self.scale, self.outlier_cols, self.outlier_weight)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, exact=True)
+
+    def _matmul(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        x = x.float()
+        outliers = x[:, self.outlier_cols] @ self.outlier_weight.float().T
+        ordinary = x.index_fill(1, self.outlier_cols, 0.0)
+        row_scale = ordinary.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        xq = torch.round(ordinary / row_scale)
+        if exact or self.path == "dequant":
+            acc = xq @ self.q.float().T * self.scale.reshape(-1).float()
+        elif x.shape[0] < PREFILL_ROWS:
+            # int8 values are exact in bf16 and the kernel accumulates in fp32: the same integer dot products.
+            acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.q, self._scale_bf16).float()
+        else:
+            acc = torch._int_mm(xq.to(torch.int8), self.q.T).float() * self.scale.reshape(-1).float()
+        return acc * row_scale + outliers
+
+
+MODULES: dict[type, type[QuantLinear]] = {
+    IntWeight: IntLinear,
+    CodebookWeight: CodebookLinear,
+    Fp8Weight: Fp8Linear,
+    OutlierInt8Weight: OutlierInt8Linear,
+}
+
+
+def quant_linear(weight: QuantWeight, bias: torch.Tensor | None = None) -> QuantLinear:
+    """The module that computes with this quantised weight on its device's fastest path."""
+    return MODULES[type(weight)](weight, bias)
