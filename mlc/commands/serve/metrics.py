@@ -48,7 +48,6 @@ class ServeMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.requests_finished: dict[str, int] = {}
-        self.num_preemptions = 0
         self.ttft = Histogram("mlc:time_to_first_token_seconds", "Time to first token.")
         self.itl = Histogram("mlc:inter_token_latency_seconds", "Time between consecutive output tokens.")
         self.e2e = Histogram("mlc:e2e_request_latency_seconds", "End-to-end request latency.")
@@ -72,7 +71,6 @@ class ServeMetrics:
         counters = {
             "mlc:prompt_tokens_total": ("Prompt tokens processed.", lambda: self.prompt_tokens),
             "mlc:generation_tokens_total": ("Generated tokens.", lambda: self.generation_tokens),
-            "mlc:num_preemptions_total": ("Preempted sequences.", lambda: self.num_preemptions),
             **self.counters,
         }
         for name, (help, read) in counters.items():
@@ -91,8 +89,8 @@ class ServeMetrics:
             "requests": sum(self.requests_finished.values()),
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
-            "preemptions": self.num_preemptions,
             "mean_ttft_s": mean(self.ttft),
             "mean_itl_s": mean(self.itl),
             "mean_e2e_s": mean(self.e2e),
+            **{name.removeprefix("mlc:"): read() for name, (_, read) in self.counters.items()},
         }
