@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,12 +38,10 @@ def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows / rows.norm(dim=-1, keepdim=True).clamp(min=1e-8)
 
 
-def _token_ids(tokenizer, text: str, bos: int | None) -> list[int]:
-    ids = list(tokenizer.encode(text))
-    # Prompts are scored as the start of a document, as in training: with BOS when the model has one.
-    if bos is not None and (not ids or ids[0] != bos):
-        ids = [bos, *ids]
-    return ids
+def _token_ids(tokenizer: Any, text: str, bos: int | None) -> list[int]:
+    """The prompt's tokens, after BOS when given: a prompt is read as the start of a document."""
+    ids = list(tokenizer.encode(text, add_special_tokens=False))
+    return [bos, *ids] if bos is not None else ids
 
 
 def hidden_routers(base: Path, prompts: list[ExpertPrompts]) -> list[torch.Tensor]:
@@ -62,7 +61,7 @@ def hidden_routers(base: Path, prompts: list[ExpertPrompts]) -> list[torch.Tenso
         return hook
 
     handles = [layer.post_attention_layernorm.register_forward_hook(keep(i)) for i, layer in enumerate(layers)]
-    bos = model.config.bos_token_id if isinstance(model.config.bos_token_id, int) else None
+    bos = tokenizer.bos_token_id  # mergekit-moe also puts the tokenizer's BOS first
 
     def mean_state(texts: list[str]) -> torch.Tensor:
         total = torch.zeros(len(layers), model.config.hidden_size)
