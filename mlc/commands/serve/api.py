@@ -70,6 +70,12 @@ def build_app(state: ServerState) -> FastAPI:
         text = state.metrics.render() if state.metrics is not None else ""
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache(request: Request) -> Response:
+        _auth(state, request)
+        state.ready().reset_prefix_cache()
+        return Response(status_code=200)
+
     @app.get("/v1/models")
     async def models(request: Request) -> JSONResponse:
         _auth(state, request)

@@ -135,6 +135,11 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget cached prefixes at the next step (benchmarks and tests that need a cold cache)."""
+        self._inbox.put(("reset_prefix_cache", None))
+        self._wake.set()
+
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + self.num_queued
@@ -171,6 +176,8 @@ class Engine:
                 with self._lock:
                     self.num_queued -= 1
                 self._add(*payload)
+            elif kind == "reset_prefix_cache":
+                self.pool.reset_prefix_cache()
             elif payload in self._requests:
                 self._finish_request(payload, notify=False)
 
