@@ -14,16 +14,16 @@ import torch
 
 CHUNK = 1 << 22  # elements per pass where int64 temporaries would otherwise scale with the tensor
 
-_KEY_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+_KEY_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+_KEY_MAX = {torch.int16: 0x7FFF, torch.int32: 0x7FFFFFFF, torch.int64: 0x7FFFFFFFFFFFFFFF}
 
 
 def magnitude_keys(t: torch.Tensor) -> torch.Tensor:
-    """Integers that order like |t|: the bit pattern with the sign bit cleared (int16 or int32)."""
+    """Integers that order like |t|: the bit pattern with the sign bit cleared."""
     view = _KEY_VIEW.get(t.dtype)
     if view is None:
-        raise TypeError(f"magnitude selection supports bfloat16, float16 and float32, not {t.dtype}")
-    mask = 0x7FFF if view == torch.int16 else 0x7FFFFFFF
-    return t.reshape(-1).view(view) & mask
+        raise TypeError(f"magnitude selection needs a floating tensor, not {t.dtype}")
+    return t.reshape(-1).view(view) & _KEY_MAX[view]
 
 
 def _histogram(keys: torch.Tensor, shift: int, width: int, select: tuple[int, int] | None = None) -> torch.Tensor:
@@ -39,6 +39,12 @@ def _histogram(keys: torch.Tensor, shift: int, width: int, select: tuple[int, in
 
 def kth_keys(keys: torch.Tensor, ks: list[int]) -> list[tuple[int, int]]:
     """For each k, the k-th smallest key (0-based) and how many keys are strictly smaller."""
+    if keys.dtype == torch.int64:  # float64 inputs: rare enough for kthvalue
+        found = []
+        for k in ks:
+            value = int(torch.kthvalue(keys, k + 1).values)
+            found.append((value, int(torch.count_nonzero(keys < value))))
+        return found
     if keys.dtype == torch.int16:
         cum = _histogram(keys, 0, 15).cumsum(0)
         found = []
@@ -111,14 +117,10 @@ def magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta.zero_()
     n = delta.numel()
     k = max(1, int(density * n))
-    if delta.dtype not in _KEY_VIEW:  # float64: no cheap key view, fall back to topk
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.topk(delta.reshape(-1).abs(), k, sorted=False).indices] = True
-    else:
-        # A stable descending sort keeps, among equal magnitudes, the lowest indices: reverse the keys.
-        keys = magnitude_keys(delta)
-        keys ^= 0x7FFF if keys.dtype == torch.int16 else 0x7FFFFFFF
-        keep = rank_range_mask(keys, 0, k)
+    # A stable descending sort keeps, among equal magnitudes, the lowest indices: reverse the keys.
+    keys = magnitude_keys(delta)
+    keys ^= _KEY_MAX[keys.dtype]
+    keep = rank_range_mask(keys, 0, k)
     return delta.masked_fill_(~keep.view(delta.shape), 0)
 
 
