@@ -130,7 +130,7 @@ def smollm2_hf_model(smollm2_dir: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype="float32").eval()
 
 
-def save_tiny_hf_model(kind: str, out: Path, seed: int = 0) -> Path:
+def save_tiny_hf_model(kind: str, out: Path, seed: int = 0, **overrides: Any) -> Path:
     """A tiny random model of one TINY_CONFIGS architecture, built and saved by transformers.
 
     Norm weights and biases are perturbed away from their 1/0 initial values so that a model that
@@ -139,7 +139,7 @@ def save_tiny_hf_model(kind: str, out: Path, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = dict(TINY_CONFIGS[kind])
+    cfg = {**TINY_CONFIGS[kind], **overrides}
     model_type = cfg.pop("model_type")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **cfg))
@@ -154,14 +154,15 @@ def save_tiny_hf_model(kind: str, out: Path, seed: int = 0) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """Factory: tiny_hf_model("mixtral") -> a transformers-saved model directory (cached per session)."""
+def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Factory: tiny_hf_model("mixtral", **config_overrides) -> a transformers-saved model directory (cached per session)."""
     made: dict[str, Path] = {}
 
-    def make(kind: str) -> Path:
-        if kind not in made:
-            made[kind] = save_tiny_hf_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
-        return made[kind]
+    def make(kind: str, **overrides: Any) -> Path:
+        key = f"{kind}{sorted(overrides.items())}"
+        if key not in made:
+            made[key] = save_tiny_hf_model(kind, tmp_path_factory.mktemp(f"tiny-{kind}"), **overrides)
+        return made[key]
 
     return make
 
