@@ -30,18 +30,16 @@ class MergeResult:
     warnings: list[str]
 
 
-def load_config(config: str | os.PathLike | Mapping[str, Any] | MergeConfig) -> tuple[MergeConfig, str]:
-    """A parsed config and its text, from a YAML path, a mapping or a MergeConfig; ValidationError if malformed."""
+def load_config(config: str | os.PathLike | Mapping[str, Any] | MergeConfig) -> tuple[MergeConfig, str, list[str]]:
+    """A parsed config, its text, and the structural problems found in it (a YAML path, a mapping or a MergeConfig)."""
     if isinstance(config, MergeConfig):
-        return config, yaml.safe_dump(config.to_dict(), sort_keys=False)
+        return config, yaml.safe_dump(config.to_dict(), sort_keys=False), []
     if isinstance(config, Mapping):
         data, text = dict(config), yaml.safe_dump(dict(config), sort_keys=False)
     else:
         data, text = load_yaml(config)
     parsed, problems = parse_config(data)
-    if problems or parsed is None:
-        raise ValidationError(problems, what="merge config")
-    return parsed, text
+    return parsed, text, problems
 
 
 def plan_merge(
@@ -55,17 +53,16 @@ def plan_merge(
     """Validate a merge completely (reading no weights) and return its plan; ValidationError lists every problem."""
     from mlc import options
 
-    parsed, _ = load_config(config)
+    parsed, _, problems = load_config(config)
     root = Path(runs_root) if runs_root is not None else options.get().runs_dir
-    extra = []
     if out is not None and Path(out).exists() and not overwrite:
-        extra.append(f"output {out} already exists (pass --overwrite to replace it)")
+        problems.append(f"output {out} already exists (pass --overwrite to replace it)")
     try:
         plan = build_plan(parsed, root, dict(parameters or {}), seed)
     except ValidationError as e:
-        raise ValidationError(e.problems + extra, what="merge config") from None
-    if extra:
-        raise ValidationError(extra, what="merge config")
+        raise ValidationError(list(dict.fromkeys(problems + e.problems)), what="merge config") from None
+    if problems:
+        raise ValidationError(problems, what="merge config")
     return plan
 
 
@@ -118,7 +115,7 @@ def run_merge(
     from mlc.runs import open_run
 
     plan = plan_merge(config, runs_root, parameters, seed, out=out, overwrite=overwrite)
-    _, text = load_config(config)
+    _, text, _ = load_config(config)
     if on_plan is not None:
         on_plan(plan)
     resolved = resolved_config(plan)

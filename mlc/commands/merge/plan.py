@@ -296,7 +296,7 @@ def _add_job(plan, sl, out_name, input_name, t, group, global_levels, index, pro
     method = plan.method
     shared_levels = [sl.parameters, *global_levels]
     inputs: list[tuple[int, str]] = []
-    raw: dict[str, Any] = {p.name: [] for p in method.params if p.per_model}
+    raw: dict[str, Any] | None = {p.name: [] for p in method.params if p.per_model}
     base: tuple[int, str] | None = None
     try:
         for src in sl.sources:
@@ -320,16 +320,17 @@ def _add_job(plan, sl, out_name, input_name, t, group, global_levels, index, pro
                 raw[p.name] = resolve(p, shared_levels, out_name, t)
     except ValueError as e:
         plan.param_problems.setdefault(str(e), []).append(out_name)
-        return
+        raw = None
     if not inputs and base is None:
         return
-    given = {k: v for k, v in raw.items() if v is not REQUIRED and not (isinstance(v, list) and REQUIRED in v)}
-    try:
-        bound = method.bind(given, len(inputs))
-    except ValueError as e:
-        for message in str(e).split("; "):
-            plan.param_problems.setdefault(message, []).append(out_name)
-        return
+    bound: dict[str, Any] = {}
+    if raw is not None:
+        given = {k: v for k, v in raw.items() if v is not REQUIRED and not (isinstance(v, list) and REQUIRED in v)}
+        try:
+            bound = method.bind(given, len(inputs))
+        except ValueError as e:  # the job is still planned, so that its shapes are checked too
+            for message in str(e).split("; "):
+                plan.param_problems.setdefault(message, []).append(out_name)
     m, name = base or inputs[0]
     plan.jobs.append(Job(out_name, inputs, base, bound, tuple(plan.models[m].tensors.info(name).shape), group))
 

@@ -1,0 +1,128 @@
+"""Everything is checked before any weight is read; every problem is reported at once, one line each;
+nothing is left behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.merge.tiny import llama_config, llama_tensors, perturb, save_model, write_wordlevel_tokenizer
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> Path:
+    cfg = llama_config(layers=2)
+    base = llama_tensors(cfg, 0)
+    save_model(tmp_path / "base", cfg, base, [f"t{i}" for i in range(32)])
+    save_model(tmp_path / "a", cfg, perturb(base, 1), [f"t{i}" for i in range(32)])
+    wide = llama_config(layers=2, hidden=24, heads=4)
+    save_model(tmp_path / "wide", wide, llama_tensors(wide, 3))
+    save_model(tmp_path / "shuffled", cfg, perturb(base, 2), [f"t{i}" for i in reversed(range(32))])
+    (tmp_path / "notamodel").mkdir()
+    (tmp_path / "notamodel" / "readme.txt").write_text("hello")
+    return tmp_path
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_every_problem_is_reported_at_once_and_no_weight_is_read(run_mlc, pool, monkeypatch):
+    from mlc.io import safetensors_reader
+
+    reads = []
+    original = safetensors_reader.ModelTensors.read
+    monkeypatch.setattr(safetensors_reader.ModelTensors, "read", lambda self, *a, **k: reads.append(a) or original(self, *a, **k))
+    cfg = write_yaml(
+        pool / "bad.yml",
+        {
+            "merge_method": "ties",
+            "base_model": str(pool / "base"),
+            "models": [
+                {"model": str(pool / "a"), "parameters": {"weight": 0.5, "density": 1.5}},
+                {"model": str(pool / "missing"), "parameters": {"weight": 0.5}},
+                {"model": str(pool / "notamodel"), "parameters": {"weight": 0.5}},
+                {"model": str(pool / "wide"), "parameters": {"weight": 0.5}},
+                {"model": str(pool / "shuffled"), "parameters": {"weight": 0.5, "desnity": 0.3}},
+            ],
+            "dtype": "float8",
+        },
+    )
+    out = pool / "out"
+    code, _, err = run_mlc("merge", cfg, "--out", out)
+    assert code == 1
+    lines = [line.strip() for line in err.splitlines() if line.strip().startswith("- ")]
+    text = "\n".join(lines)
+    assert "dtype 'float8' is not one of" in text
+    assert "missing does not exist" in text
+    assert "notamodel" in text and "no config.json" in text
+    assert "did you mean 'density'" in text
+    assert "density must be in (0, 1], got 1.5" in text
+    assert "wide: model.embed_tokens.weight has shape [32, 24], expected [32, 16]" in text
+    assert "tokenizer of" in text and "shuffled" in text and "tokenizer_source: union" in text
+    assert len(lines) >= 7
+    assert not out.exists() and not list(pool.glob(".out*"))  # no output, not even a staging directory
+    assert reads == []
+
+
+def test_layer_ranges_slice_lengths_and_method_input_counts_are_checked(run_mlc, pool):
+    cfg = write_yaml(
+        pool / "slices.yml",
+        {
+            "merge_method": "slerp",
+            "base_model": str(pool / "base"),
+            "slices": [
+                {"sources": [{"model": str(pool / "base"), "layer_range": [0, 2]}, {"model": str(pool / "a"), "layer_range": [0, 3]}]},
+                {"sources": [{"model": str(pool / "base"), "layer_range": [1, 2]}, {"model": str(pool / "a"), "layer_range": [1, 2]}, {"model": str(pool / "shuffled"), "layer_range": [1, 2]}]},
+            ],
+            "parameters": {"t": 1.5},
+        },
+    )
+    code, _, err = run_mlc("merge", cfg, "--out", pool / "out")
+    assert code == 1
+    assert "layer_range [0, 3] of" in err and "goes past its 2 layers" in err
+    assert "every source must span the same number of layers" in err
+    assert "slerp takes at most 1 model(s) besides the base, got 2" in err
+    assert "t must be in [0, 1], got 1.5" in err
+
+
+def test_yaml_structure_errors_are_listed_together(run_mlc, pool):
+    cfg = write_yaml(pool / "shape.yml", {"merge_method": "linear", "modls": [], "slices": [{"sources": [{"model": "x", "layer_range": [3, 1]}], "residual_weight": 1}]})
+    code, _, err = run_mlc("merge", cfg, "--out", pool / "out")
+    assert code == 1
+    assert "unknown key 'modls'" in err
+    assert "layer_range [3, 1] is empty or negative" in err
+    assert "unknown key 'residual_weight' in slices[0]" in err
+
+
+def test_existing_output_needs_overwrite_and_check_mode_writes_nothing(run_mlc, pool):
+    cfg = write_yaml(pool / "ok.yml", {"merge_method": "linear", "models": [{"model": str(pool / "base"), "parameters": {"weight": 1}}, {"model": str(pool / "a"), "parameters": {"weight": 1}}]})
+    (pool / "taken").mkdir()
+    code, _, err = run_mlc("merge", cfg, "--out", pool / "taken")
+    assert code == 1 and "already exists" in err
+    code, out, _ = run_mlc("--json", "merge", cfg, "--out", pool / "fresh", "--check")
+    assert code == 0 and json.loads(out)["tensors"] == 1 + 2 * 9 + 1
+    assert not (pool / "fresh").exists()
+
+
+def test_a_failure_during_the_merge_leaves_no_output(run_mlc, pool, monkeypatch):
+    from mlc.commands.merge import executor
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(executor, "merge_job", boom)
+    cfg = write_yaml(pool / "ok.yml", {"merge_method": "linear", "models": [{"model": str(pool / "base"), "parameters": {"weight": 1}}, {"model": str(pool / "a"), "parameters": {"weight": 1}}]})
+    code, _, err = run_mlc("merge", cfg, "--out", pool / "out")
+    assert code == 1 and "disk on fire" in err
+    assert not (pool / "out").exists() and not list(pool.glob(".out*"))
+
+
+def test_a_parameter_only_other_methods_use_is_a_warning_not_an_error(run_mlc, pool):
+    cfg = write_yaml(pool / "warn.yml", {"merge_method": "linear", "models": [{"model": str(pool / "base"), "parameters": {"weight": 1}}, {"model": str(pool / "a"), "parameters": {"weight": 1, "density": 0.5}}]})
+    code, _, err = run_mlc("merge", cfg, "--out", pool / "out")
+    assert code == 0 and "'density' is not used by linear" in err
