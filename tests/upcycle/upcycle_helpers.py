@@ -39,12 +39,14 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
-def make_dense(path: Path, family: str = "llama", seed: int = 0, tie: bool = False, dtype: torch.dtype = torch.float32) -> Path:
+def make_dense(
+    path: Path, family: str = "llama", seed: int = 0, tie: bool = False, dtype: torch.dtype = torch.float32, intermediate: int = 64
+) -> Path:
     """A random 2-layer dense model saved by transformers, with weights large enough that every block matters."""
     import transformers
 
     common = dict(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=128, hidden_size=32, intermediate_size=intermediate, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, initializer_range=0.15,
         bos_token_id=1, eos_token_id=2,
     )

@@ -29,7 +29,7 @@ def upcycle(
     shared_merge: Optional[str] = typer.Option(
         None, "--shared-merge", help="Merge method (any `mlc merge` method) for attention, norms and embeddings from the sources [default: BASE's]."
     ),
-    merge_param: List[str] = typer.Option([], "--merge-param", help="Repeatable KEY=VALUE parameter of --shared-merge."),
+    merge_param: List[str] = typer.Option([], "--merge-param", help="Repeatable KEY=VALUE parameter of --shared-merge (weight defaults to 1/S for each source)."),
     router: str = typer.Option("random", "--router", help="Router init: random (seeded N(0, 0.02)), hidden or cheap_embed (from --expert-prompts)."),
     expert_prompts: Optional[str] = typer.Option(
         None, "--expert-prompts", help="YAML/JSON with positive (and negative) prompts per expert, for --router hidden or cheap_embed."

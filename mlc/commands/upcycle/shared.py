@@ -44,10 +44,8 @@ def merge_problems(method: Any, params: Mapping[str, Any], sources: int) -> list
 
 
 def merge_shared_tensor(
-    method: Any, params: Mapping[str, Any], seed: int, name: str, base: torch.Tensor, sources: list[torch.Tensor]
+    method: Any, params: Mapping[str, Any], seed: int, name: str, base: torch.Tensor | None, sources: list[torch.Tensor]
 ) -> torch.Tensor:
-    """One shared tensor merged from the sources (with the base when the method takes one)."""
+    """One shared tensor merged from the sources; `base` is passed to methods that take one (else None)."""
     rng = keyed_generator(seed, "shared-merge", name) if method.random else None
-    if method.base == "required":
-        return method(sources, base=base, params=params, rng=rng, consume=True)
-    return method(sources, base=None, params=params, rng=rng, consume=True)
+    return method(sources, base=base, params=params, rng=rng, consume=True)

@@ -55,7 +55,12 @@ def run_upcycle(opts: UpcycleOptions, runs_root: Path | None = None) -> UpcycleR
             run.add_input(ref, role="expert-source")
         if opts.expert_prompts is not None:
             run.add_input(opts.expert_prompts, role="expert-prompts")
-        meta = {"upcycle": opts.to_dict(), "layout": plan.config["architectures"][0], "experts_from": _expert_origins(plan)}
+        meta = {
+            "upcycle": opts.to_dict(),
+            "layout": plan.config["architectures"][0],
+            "experts_from": _expert_origins(plan),
+            "shared_merge": {"method": opts.shared_merge, "params": plan.merge_params} if opts.shared_merge else None,
+        }
         with run.artifact("model", kind="model", out=opts.out, overwrite=opts.overwrite, meta=meta) as staging:
             started = time.perf_counter()
             written = write_upcycled(plan, staging, log=run.log)
@@ -174,7 +179,7 @@ def _merged(plan: UpcyclePlan, readers: dict[int, Any], name: str) -> torch.Tens
 
     assert plan.merge_method is not None
     sources = [readers[i + 1].read(name, torch.float32) for i in range(len(plan.sources))]
-    base = readers[BASE].read(name, torch.float32)
+    base = readers[BASE].read(name, torch.float32) if plan.merge_method.base == "required" else None
     return merge_shared_tensor(plan.merge_method, plan.merge_params, plan.opts.seed, name, base, sources)
 
 

@@ -201,6 +201,9 @@ def _check_merge(opts: UpcycleOptions, problems: list[str]) -> tuple[Callable[..
     except MlcError as e:
         problems.append(f"--shared-merge: {e.one_line()}")
         return None, {}
+    weight = method.param("weight") if hasattr(method, "param") else None
+    if weight is not None and weight.required and "weight" not in params:
+        params["weight"] = 1.0 / len(opts.expert_sources)  # default: the sources count equally
     problems += merge_problems(method, params, len(opts.expert_sources))
     return method, params
 
