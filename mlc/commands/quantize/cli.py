@@ -1,0 +1,49 @@
+"""Quantise a model's weights (int8, int4, nf4, fp8, llm-int8, gptq, daq, mixed) into a loadable HF directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from mlc.cliutil import new_app
+
+app = new_app("Quantise a model's weights (int8, int4, nf4, fp8, llm-int8, gptq, daq, mixed) into a loadable HF directory.")
+
+SCHEMES_HELP = (
+    "Scheme plugin: int8 | int4 [--group-size 32/64/128, --asymmetric] | nf4 [--group-size] | fp8 | "
+    "llm-int8 | gptq [--bits 4/8, --group-size, --asymmetric, --act-order] | daq [--codebook nf4/fp4, --group-size] | "
+    "mixed (--target-bits B | --target-size BYTES)."
+)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="A model directory or reference (run:<id>, latest:<command>)."),
+    scheme: str = typer.Option(..., "--scheme", "-s", help=SCHEMES_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the quantised model to."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weights per scale (int4/gptq: 128, nf4/daq: 64)."),
+    asymmetric: bool = typer.Option(False, "--asymmetric", help="int4/gptq: a zero point per group (default symmetric)."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="gptq: 4 (default) or 8."),
+    act_order: bool = typer.Option(False, "--act-order", help="gptq: quantise the most active input features first."),
+    codebook: Optional[str] = typer.Option(None, "--codebook", help="daq: nf4 (default) or fp4."),
+    target_bits: Optional[float] = typer.Option(None, "--target-bits", help="mixed: average bits per quantised weight."),
+    target_size: Optional[int] = typer.Option(None, "--target-size", help="mixed: size of the output's weights, in bytes."),
+    calib: Optional[Path] = typer.Option(None, "--calib", help="Calibration text or JSONL (default: mlc's bundled corpus)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Calibration windows (default 128)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per calibration window (default 512)."),
+    exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Keep layers matching this shell pattern unquantised (repeatable), e.g. '*.down_proj'."),
+    quantize_head: bool = typer.Option(False, "--quantize-head", help="Quantise lm_head too (a tied head is untied; the embeddings stay)."),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity before and after on the bundled held-out text."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),
+) -> None:
+    """Quantise MODEL with --scheme into --out, and report perplexity, size and the worst layers."""
+    from mlc.commands.quantize.run import QuantizeArgs, run_quantize
+
+    run_quantize(QuantizeArgs(
+        model=model, scheme=scheme, out=out, group_size=group_size, asymmetric=asymmetric, bits=bits, act_order=act_order,
+        codebook=codebook, target_bits=target_bits, target_size=target_size, calib=calib, samples=samples, seq_len=seq_len,
+        exclude=list(exclude or []), quantize_head=quantize_head, evaluate=evaluate, overwrite=overwrite, json_output=json_output,
+    ))

@@ -1,0 +1,131 @@
+"""Mixed precision: a bit width per layer chosen to meet a size budget, by measured sensitivity.
+
+Each layer has candidate settings, all on fast kernels and in the compressed-tensors layout: int8
+per channel and int4 in groups of 32, 64 and 128 (those that divide its input features). The
+sensitivity of a layer to a setting is the increase of the calibration loss it causes, estimated
+to second order from gradients measured on the calibration text:
+
+    dL(layer, setting) ~ 1/2 * sum_ij F_ij (W_ij - Q(W)_ij)^2,   F = E[g^2] (the empirical Fisher).
+
+(The first-order term vanishes at a trained model's minimum; F approximates the Hessian diagonal.)
+Allocation is greedy, as in BitStack and the mixed-quantisation scaling laws (2410.23918,
+2410.06722): start every layer at its largest setting and repeatedly take the step to a smaller one
+that costs the least loss per byte saved, until the budget is met.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from mlc.commands.quantize.rtn import quantize_int
+from mlc.errors import InputError
+from mlc.io.safetensors_reader import ModelTensors
+
+FISHER_BATCH = 4  # sequences per backward pass
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    bits: int
+    group_size: int | None
+
+
+CANDIDATES = (Candidate("int8", 8, None), Candidate("int4-g32", 4, 32), Candidate("int4-g64", 4, 64), Candidate("int4-g128", 4, 128))
+
+
+def candidates_for(k: int) -> list[Candidate]:
+    return [c for c in CANDIDATES if c.group_size is None or k % c.group_size == 0]
+
+
+def fisher_diagonal(model_dir: Any, tokens: torch.Tensor, names: list[str], progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
+    """E[g^2] of each named Linear's weight over the calibration windows (batches of FISHER_BATCH)."""
+    from mlc.models import load_model
+
+    model = load_model(model_dir, dtype=torch.bfloat16)
+    model.requires_grad_(False)
+    fisher = {}
+    for name in names:
+        w = model.get_submodule(name).weight
+        w.requires_grad_(True)
+        fisher[name] = torch.zeros(w.shape, dtype=torch.bfloat16)
+
+        # Fold each gradient into F as soon as it exists, so the gradients of all layers never coexist.
+        def fold(p: torch.Tensor, acc: torch.Tensor = fisher[name]) -> None:
+            acc.add_(p.grad.square())
+            p.grad = None
+
+        w.register_post_accumulate_grad_hook(fold)
+    batches = list(torch.split(tokens, FISHER_BATCH))
+    for i, batch in enumerate(batches):
+        logits = model(batch).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+        loss.backward()
+        if progress:
+            progress(i + 1, len(batches))
+    return {n: f.float() / len(batches) for n, f in fisher.items()}
+
+
+def sensitivity(weight: torch.Tensor, fisher: torch.Tensor, candidate: Candidate) -> tuple[float, int]:
+    """(estimated loss increase, bytes on disk) of one layer at one setting."""
+    q = quantize_int(weight, candidate.bits, candidate.group_size, symmetric=True)
+    err = (weight.float() - q.dequantize()).square()
+    return 0.5 * float((fisher * err).sum()), q.storage_bits() // 8
+
+
+def allocate(costs: dict[str, list[tuple[Candidate, float, int]]], budget_bytes: int) -> dict[str, Candidate]:
+    """Greedy: from each layer's largest setting, take the cheapest loss-per-byte-saved step until under budget."""
+    order = {n: sorted(c, key=lambda t: -t[2]) for n, c in costs.items()}  # largest first
+    at = {n: 0 for n in order}
+    total = sum(order[n][0][2] for n in order)
+    while total > budget_bytes:
+        best, best_ratio = None, float("inf")
+        for n, options in order.items():
+            i = at[n]
+            if i + 1 >= len(options):
+                continue
+            saved = options[i][2] - options[i + 1][2]
+            if saved <= 0:
+                continue
+            ratio = (options[i + 1][1] - options[i][1]) / saved
+            if ratio < best_ratio:
+                best, best_ratio = n, ratio
+        if best is None:
+            break
+        total -= order[best][at[best]][2] - order[best][at[best] + 1][2]
+        at[best] += 1
+    return {n: order[n][at[n]][0] for n in order}
+
+
+def plan_mixed(
+    model_dir: Any, tensors: ModelTensors, tokens: torch.Tensor, targets: dict[str, tuple[int, int]],
+    target_bits: float | None, target_size: int | None, other_bytes: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, Candidate], dict[str, Any]]:
+    """Per-layer settings meeting the budget, and a summary of the allocation for the report."""
+    params = sum(n * k for n, k in targets.values())
+    budget = int(target_bits * params / 8) if target_bits is not None else int(target_size) - other_bytes
+    fisher = fisher_diagonal(model_dir, tokens, list(targets), progress)
+    costs = {}
+    for name in targets:
+        w = tensors.read(f"{name}.weight" if f"{name}.weight" in tensors else "model.embed_tokens.weight", torch.float32)
+        costs[name] = [(c, *sensitivity(w, fisher[name], c)) for c in candidates_for(w.shape[1])]
+    smallest = sum(min(b for _, _, b in c) for c in costs.values())
+    if budget < smallest:
+        what = f"--target-bits {target_bits}" if target_bits is not None else f"--target-size {target_size}"
+        floor = smallest * 8 / params if target_bits is not None else smallest + other_bytes
+        unit = "bits per parameter" if target_bits is not None else "bytes"
+        raise InputError(f"{what} is below the smallest mixed allocation ({floor:.4g} {unit})", "raise the target, or use --exclude on fewer layers")
+    chosen = allocate(costs, budget)
+    loss = sum(next(l for c, l, _ in costs[n] if c == chosen[n]) for n in chosen)
+    size = sum(next(b for c, _, b in costs[n] if c == chosen[n]) for n in chosen)
+    counts: dict[str, int] = {}
+    for c in chosen.values():
+        counts[c.label] = counts.get(c.label, 0) + 1
+    info = {"budget_bytes": budget, "allocated_bytes": size, "bits_per_param": round(size * 8 / params, 4),
+            "estimated_loss_increase": loss, "layers_per_setting": counts}
+    return chosen, info
