@@ -1,0 +1,94 @@
+"""Every kernel path of the quantised Linear modules against dequantise-then-matmul in fp32."""
+
+import pytest
+import torch
+
+from mlc.kernels import quant_linear as ql
+from mlc.kernels.quant_weights import NF4_CODEBOOK, CodebookWeight, Fp8Weight, IntWeight, OutlierInt8Weight
+
+N, K = 192, 256
+
+
+def _int4(symmetric: bool, n: int = N) -> IntWeight:
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-8, 8, (n, K), dtype=torch.int8, generator=g)
+    scale = (torch.rand(n, K // 64, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    zp = None if symmetric else torch.randint(-8, 8, (n, K // 64), dtype=torch.int8, generator=g)
+    return IntWeight(q, scale, zp, 4, 64)
+
+
+def _weights() -> dict[str, object]:
+    g = torch.Generator().manual_seed(2)
+    outliers = torch.tensor([3, 77])
+    return {
+        "int4-sym": _int4(True),
+        "int4-asym": _int4(False),
+        "int4-odd-rows": _int4(True, n=96),  # 96 rows are not whole 64-row tiles: the dequantise path
+        "int8": IntWeight(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g),
+                          (torch.rand(N, 1, generator=g) * 0.01).to(torch.bfloat16), None, 8, None),
+        "nf4": CodebookWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g), torch.tensor(NF4_CODEBOOK),
+                              torch.rand(N, K // 64, generator=g).to(torch.bfloat16), None, 64, "nf4"),
+        "nf4-daq": CodebookWeight(torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g), torch.tensor(NF4_CODEBOOK),
+                                  torch.rand(N, K // 64, generator=g).to(torch.bfloat16),
+                                  (torch.randn(N, K // 64, generator=g) * 0.1).to(torch.bfloat16), 64, "nf4"),
+        "fp8": Fp8Weight(torch.randn(N, K, generator=g).to(torch.float8_e4m3fn), torch.rand(N, 1, generator=g) * 0.01),
+        "llm-int8": OutlierInt8Weight(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g).index_fill(1, outliers, 0),
+                                      torch.rand(N, 1, generator=g) * 0.01, outliers, torch.randn(N, 2, generator=g).half()),
+    }
+
+
+def _reference(w, x: torch.Tensor) -> torch.Tensor:
+    if isinstance(w, OutlierInt8Weight):  # LLM.int8() also rounds the ordinary activations, per row
+        ordinary = x.index_fill(1, w.outlier_cols, 0.0)
+        s = ordinary.abs().amax(1, keepdim=True) / 127
+        x = (torch.round(ordinary / s) * s).index_copy(1, w.outlier_cols, x[:, w.outlier_cols])
+    return x @ w.dequantize(torch.float32).T
+
+
+EXPECTED_PATHS = {"int4-sym": "int4pack", "int4-asym": "int4pack", "int4-odd-rows": "dequant", "int8": "int8pack",
+                  "nf4": "dequant", "nf4-daq": "dequant", "fp8": "dequant", "llm-int8": "int_mm"}
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED_PATHS))
+@pytest.mark.parametrize("rows", [1, 7, ql.PREFILL_ROWS, 64])  # decode kernels below PREFILL_ROWS, blockwise bf16 above
+def test_every_path_matches_dequantise_then_matmul(kind, rows):
+    w = _weights()[kind]
+    module = ql.quant_linear(w)
+    assert module.path == EXPECTED_PATHS[kind]
+    x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+    ref = _reference(w, x)
+    got = module(x)
+    # bf16 activations and bf16 scales: relative error of a few 1e-3 of the output's scale
+    assert (got - ref).abs().max() <= 1e-2 * ref.abs().max()
+    module.exact = True
+    assert torch.allclose(module(x), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", list(EXPECTED_PATHS))
+def test_module_gives_back_the_exact_weight(kind):
+    w = _weights()[kind]
+    assert torch.equal(ql.quant_linear(w).dequantize(), w.dequantize())
+
+
+def test_blockwise_path_splits_big_weights_into_row_blocks(monkeypatch):
+    monkeypatch.setattr(ql, "DEQUANT_BLOCK", 64 * K)  # 3 blocks of 64 rows
+    w = _weights()["int4-asym"]
+    x = torch.randn(32, K)
+    ref = x @ w.dequantize().T
+    assert (ql.quant_linear(w)(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def test_bias_and_leading_dimensions_are_kept():
+    w = _weights()["int8"]
+    bias = torch.randn(N)
+    x = torch.randn(2, 5, K)
+    module = ql.quant_linear(w, bias)
+    module.exact = True
+    assert torch.allclose(module(x), x @ w.dequantize().T + bias, atol=1e-5)
+    assert module(x).shape == (2, 5, N)
+
+
+def test_dtype_move_keeps_the_weight_and_the_kernel_path():
+    module = ql.quant_linear(_weights()["int4-sym"]).to(torch.float32)
+    assert module.path == "int4pack"
+    assert torch.equal(module.dequantize(), _weights()["int4-sym"].dequantize())
