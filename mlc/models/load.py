@@ -73,7 +73,12 @@ def load_model(
     The model remembers its directory in `model.source_dir`, so save_model can carry the tokenizer over.
     """
     path = require_model_dir(resolve_model_path(path_or_ref))
-    config = config_from_hf(read_config(path))
+    raw = read_config(path)
+    if "quantization_config" in raw:  # quantised directories load with mlc's quantised Linear kernels
+        from mlc.kernels.quant_load import load_quantized_model
+
+        return load_quantized_model(path, dtype=dtype, device=device)
+    config = config_from_hf(raw)
     with ModelTensors(path) as tensors:
         dtype = parse_dtype(dtype) or _stored_dtype(config, tensors)
         config = config.with_updates(torch_dtype=dtype_name(dtype))
