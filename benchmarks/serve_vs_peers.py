@@ -1,0 +1,279 @@
+"""mlc serve against transformers `generate` and llama.cpp on SmolLM2-135M, in one run.
+
+    .venv/bin/python benchmarks/serve_vs_peers.py [--reps 3] [--decode-tokens 128] [--skip-llamacpp]
+
+Batch-1 decode tokens/s: transformers fp32 and bf16, llama.cpp (llama-cpp-python, Q4_1 GGUF, the same
+file the real-model test fixture converts), and mlc's engine in bf16, int8 and int4 (quantised by
+`mlc quantize`, RTN). Decode rate = (N - 1) / (time of N tokens - time of 1 token), so prefill is
+excluded for everyone. Load: 8 and 32 concurrent requests of 256 random prompt tokens and 128 output
+tokens; mlc through its HTTP server (streaming, TTFT = first streamed token), transformers as static
+batches of 8 (bf16), llama.cpp one request at a time (llama-cpp-python has no batching). Each figure is
+the median of --reps runs; the machine's cores are shared, so compare ratios within one run.
+
+llama-cpp-python is installed into a benchmark venv under the mlc cache (never a dependency of mlc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+# As `mlc serve` does, for every peer run in this process: idle OpenMP workers sleep instead of spinning
+# (spinning workers on a shared 2-core machine slow everyone, transformers included, by 10-100x).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import fetch_smollm2_gguf, smollm2_hf_dir  # noqa: E402  (the real-model fixture's files)
+
+from mlc.paths import cache_dir  # noqa: E402
+
+LLAMA_CPP_VERSION = "0.3.36"
+PROMPT_LEN, OUTPUT_LEN = 256, 128
+
+
+def median_of(reps: int, fn):
+    return statistics.median(fn() for _ in range(reps))
+
+
+# ---------------------------------------------------------------- transformers
+def hf_decode_rate(path: Path, dtype: torch.dtype, batch: int, n: int, reps: int) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    ids = torch.randint(100, 40000, (batch, 32), generator=torch.Generator().manual_seed(0))
+
+    def timed(tokens: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return time.perf_counter() - t
+
+    timed(4)
+    return median_of(reps, lambda: batch * (n - 1) / (timed(n) - timed(1)))
+
+
+def hf_static_batches(path: Path, prompts: list[list[int]], batch: int, reps: int) -> float:
+    """Aggregate output tokens/s serving all prompts as static batches (prefill included)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+    def once() -> float:
+        t = time.perf_counter()
+        for i in range(0, len(prompts), batch):
+            ids = torch.tensor(prompts[i : i + batch])
+            with torch.inference_mode():
+                model.generate(ids, max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, do_sample=False)
+        return len(prompts) * OUTPUT_LEN / (time.perf_counter() - t)
+
+    return median_of(reps, once)
+
+
+# ---------------------------------------------------------------- llama.cpp
+LLAMA_SCRIPT = r"""
+import json, sys, time
+from llama_cpp import Llama
+gguf, n, reps, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+llm = Llama(model_path=gguf, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
+def run(prompt, tokens):
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(prompt)
+    for _ in range(tokens):
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+    return time.perf_counter() - t
+run([1, 2, 3], 4)
+short = [1] + list(range(1000, 1031))
+rates = sorted((n - 1) / (run(short, n) - run(short, 1)) for _ in range(reps))
+aggs = []
+for _ in range(reps):
+    t = time.perf_counter()
+    for p in prompts:
+        run(p, 128)
+    aggs.append(len(prompts) * 128 / (time.perf_counter() - t))
+print(json.dumps({"decode": rates[len(rates) // 2], "serial_aggregate": sorted(aggs)[len(aggs) // 2]}))
+"""
+
+
+def llama_cpp_python() -> Path:
+    venv = cache_dir() / "bench" / "llamacpp-venv"
+    py = venv / "bin" / "python"
+    if not py.exists() or subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode:
+        print("installing llama-cpp-python into the benchmark venv (a one-time source build) ...", file=sys.stderr)
+        subprocess.run([sys.base_prefix + "/bin/python3", "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", f"llama-cpp-python=={LLAMA_CPP_VERSION}"], check=True)
+    return py
+
+
+def llama_cpp(gguf: Path, n: int, reps: int, prompts: list[list[int]]) -> dict[str, float]:
+    py = llama_cpp_python()
+    out = subprocess.run([str(py), "-c", LLAMA_SCRIPT, str(gguf), str(n), str(reps), json.dumps(prompts)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- mlc
+def quantized(path: Path, scheme: str) -> Path:
+    out = cache_dir() / "bench" / f"smollm2-{scheme}-{path.name}"
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "mlc", "quantize", str(path), "-s", scheme, "-o", str(out), "--no-eval", "--overwrite"],
+                       check=True, capture_output=True, env={**os.environ, "MLC_RUNS_DIR": str(cache_dir() / "bench" / "runs")})
+    return out
+
+
+def mlc_engine(path: Path, dtype: str | None):
+    from mlc.commands.serve.engine import Engine, EngineConfig
+    from mlc.models import load_model
+    from mlc.models.tokenizer import load_tokenizer
+
+    model = load_model(path, dtype=dtype)
+    return Engine(model, load_tokenizer(path), EngineConfig(num_blocks=512, block_size=16, max_batched_tokens=512))
+
+
+def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int) -> float:
+    """Batch-1 decode tokens/s of the engine (no HTTP): time from the first to the last token."""
+    from mlc.commands.serve.engine import GenerationRequest
+    from mlc.kernels.sampling import SamplingParams
+
+    engine = mlc_engine(path, dtype)
+    engine.start()
+    prompt = list(range(1000, 1032))
+
+    def once(tokens: int) -> float:
+        times: list[float] = []
+        done = threading.Event()
+
+        def sink(ev):
+            times.extend([time.perf_counter()] * len(ev.token_ids))
+            if ev.finish_reason:
+                done.set()
+
+        engine.submit(GenerationRequest(f"r{time.perf_counter()}", prompt, SamplingParams(temperature=0), max_tokens=tokens, ignore_eos=True), sink)
+        done.wait()
+        return (len(times) - 1) / (times[-1] - times[0])
+
+    once(8)
+    rate = median_of(reps, lambda: once(n))
+    engine.stop()
+    return rate
+
+
+def serve_load(path: Path, prompts: list[list[int]], concurrency: int, reps: int) -> dict[str, float]:
+    """Aggregate output tokens/s and TTFT p50/p99 of `concurrency` streaming requests through mlc serve's HTTP API."""
+    port = 18000 + os.getpid() % 1000
+    env = {**os.environ, "MLC_RUNS_DIR": str(cache_dir() / "bench" / "runs")}
+    proc = subprocess.Popen([sys.executable, "-m", "mlc", "serve", str(path), "--port", str(port), "--dtype", "bfloat16",
+                             "--kv-cache-memory", "1GiB", "--max-model-len", "1024"], env=env, stderr=subprocess.DEVNULL)
+    try:
+        while True:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        c = http.client.HTTPConnection("127.0.0.1", port)
+        c.request("GET", "/v1/models")
+        name = json.loads(c.getresponse().read())["data"][0]["id"]
+
+        def one(prompt: list[int], ttfts: list[float], counts: list[int]) -> None:
+            body = {"model": name, "prompt": prompt, "max_tokens": OUTPUT_LEN, "ignore_eos": True, "temperature": 0, "stream": True}
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            t = time.perf_counter()
+            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            first = None
+            tokens = 0
+            for line in resp:
+                if line.startswith(b"data: {"):
+                    if first is None:
+                        first = time.perf_counter() - t
+                    tokens += 1
+            ttfts.append(first)
+            counts.append(tokens)
+
+        def run() -> dict[str, float]:
+            c = http.client.HTTPConnection("127.0.0.1", port)
+            c.request("POST", "/reset_prefix_cache")
+            c.getresponse().read()
+            ttfts: list[float] = []
+            counts: list[int] = []
+            threads = [threading.Thread(target=one, args=(p, ttfts, counts)) for p in prompts[:concurrency]]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall = time.perf_counter() - t
+            ttfts.sort()
+            return {"aggregate": concurrency * OUTPUT_LEN / wall, "ttft_p50": ttfts[len(ttfts) // 2], "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+
+        run()  # warm-up
+        results = [run() for _ in range(reps)]
+        return {k: statistics.median(r[k] for r in results) for k in results[0]}
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    path = smollm2_hf_dir()
+    gguf = fetch_smollm2_gguf(cache_dir())
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 40000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(32)]
+    n, reps = args.decode_tokens, args.reps
+    rows: dict[str, float] = {}
+    rows["transformers fp32 batch 1"] = hf_decode_rate(path, torch.float32, 1, n, reps)
+    rows["transformers bf16 batch 1"] = hf_decode_rate(path, torch.bfloat16, 1, n, reps)
+    rows["transformers bf16 batch 8"] = hf_decode_rate(path, torch.bfloat16, 8, n, reps)
+    rows["mlc bf16 batch 1"] = mlc_decode_rate(path, "bfloat16", n, reps)
+    rows["mlc int8 batch 1"] = mlc_decode_rate(quantized(path, "int8"), None, n, reps)
+    rows["mlc int4 batch 1"] = mlc_decode_rate(quantized(path, "int4"), None, n, reps)
+    llama = None
+    if not args.skip_llamacpp:
+        llama = llama_cpp(gguf, n, reps, prompts[:8])
+        rows["llama.cpp Q4_1 batch 1"] = llama["decode"]
+    print("\n## batch-1 decode, tokens/s (median of %d)" % reps)
+    for name, value in rows.items():
+        print(f"{name:32s} {value:8.1f}")
+    print(f"mlc bf16 / transformers bf16 = {rows['mlc bf16 batch 1'] / rows['transformers bf16 batch 1']:.2f}x (target >= 1.5x)")
+    if llama:
+        print(f"mlc int4 / llama.cpp Q4_1    = {rows['mlc int4 batch 1'] / llama['decode']:.2f}x (target >= 0.75x)")
+
+    print(f"\n## load: {PROMPT_LEN}-token prompts, {OUTPUT_LEN} output tokens, bf16")
+    hf8 = hf_static_batches(path, prompts, 8, max(1, reps - 2))
+    print(f"transformers static batch 8, 32 requests: aggregate {hf8:.1f} tokens/s")
+    if llama:
+        print(f"llama.cpp one at a time, 8 requests:      aggregate {llama['serial_aggregate']:.1f} tokens/s")
+    for conc in (8, 32):
+        r = serve_load(path, prompts, conc, reps)
+        line = f"mlc serve, {conc} concurrent: aggregate {r['aggregate']:.1f} tokens/s, TTFT p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s"
+        if conc == 32:
+            line += f"; {r['aggregate'] / hf8:.2f}x transformers batch 8 (target >= 1.5x)"
+            if llama:
+                line += f", {r['aggregate'] / llama['serial_aggregate']:.2f}x llama.cpp (target >= 3x)"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
