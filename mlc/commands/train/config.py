@@ -20,7 +20,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from mlc.errors import InputError, ValidationError
+from mlc.errors import InputError, MlcError, ValidationError
 
 
 @dataclass
@@ -265,6 +265,8 @@ def check(config: TrainConfig) -> None:
         p.append("model.config / model.init: give exactly one (config: train from scratch; init: start from a trained model)")
     if m.config and not _config_json(Path(m.config)).is_file():
         p.append(f"model.config: {m.config} is not a config.json or a directory holding one")
+    elif m.config:
+        p.extend(_model_config_problems(_config_json(Path(m.config))))
     if m.init and not m.init.startswith(("run:", "latest:")) and not Path(m.init).expanduser().is_dir():
         p.append(f"model.init: {m.init} is not a model directory")
     if m.tokenizer and not (Path(m.tokenizer) / "tokenizer.json").is_file() and not Path(m.tokenizer).name == "tokenizer.json":
@@ -311,6 +313,21 @@ def check(config: TrainConfig) -> None:
         p.append("moe.aux_loss_coef / moe.z_loss_coef: must be >= 0")
     if p:
         raise ValidationError(p, "config", "fix the config file or the --set values")
+
+
+def _model_config_problems(path: Path) -> list[str]:
+    import json
+
+    from mlc.models import config_from_hf
+
+    try:
+        config_from_hf(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        return [f"model.config: {path} is not valid JSON (line {e.lineno})"]
+    except (MlcError, KeyError, TypeError, ValueError) as e:
+        text = e.one_line() if isinstance(e, MlcError) else f"{type(e).__name__}: {e}"
+        return [f"model.config: {path} is not a model config ({text})"]
+    return []
 
 
 def _config_json(path: Path) -> Path:

@@ -69,9 +69,12 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
     if config.lora.enabled:
         model = add_lora(model, config.lora)
     model.to(info.device)
+    loss_fn = summed_cross_entropy
     if tc.compile:
         for block in blocks(model):
             block.compile()
+        # Fuses the fp32 upcast of the logits into the loss instead of materialising a full fp32 copy.
+        loss_fn = torch.compile(summed_cross_entropy)
     # DDP needs to know that an expert may get no token in a micro-batch (its parameters then have no gradient).
     model = _wrap(model, tc.parallel, info, find_unused=mcfg.is_moe)
     optimizers = build_optimizers(model, config.optim)
@@ -105,23 +108,24 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
             lr = set_lr(optimizers, lr_factor(step, tc.steps, config.schedule))
-            micro = []
+            micro, local_targets = [], 0
             for m in range(accum):
                 positions = micro_batch_positions(step, m, info.rank, info.world_size, mb, B)
                 indices = [order[p] for p in positions]
                 if trace:
                     with open(trace, "a") as f:
                         f.write(json.dumps({"step": step, "rank": info.rank, "samples": indices}) + "\n")
-                micro.append(tuple(t.to(info.device) for t in data.train.batch(indices)))
-            n_targets = mdist.all_reduce_sum(torch.tensor([float(sum(int(b[2].sum()) for b in micro))], device=info.device))
-            n_targets = n_targets.clamp(min=1.0)
+                batch = data.train.batch(indices)
+                local_targets += int(batch[2].sum())  # counted on the host: no device sync before the forward
+                micro.append(tuple(_to_device(t, info.device) for t in batch))
+            n_targets = mdist.all_reduce_sum(torch.tensor([float(local_targets)], device=info.device)).clamp(min=1.0)
 
             loss_sum = torch.zeros((), device=info.device)
             for m, (x, y, mask) in enumerate(micro):
                 parallel.sync_gradients(model, m == accum - 1)
                 with autocast():
                     out = model(x, output_router_logits=mcfg.is_moe)
-                    ce = summed_cross_entropy(out.logits, y, mask)
+                    ce = loss_fn(out.logits, y, mask)
                     # Each rank's loss is scaled so that DDP/FSDP's gradient average gives sum(token losses) / N_global.
                     loss = ce * info.world_size / n_targets
                     if mcfg.is_moe and out.router_logits:
@@ -135,7 +139,8 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
                 opt.step()
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            step_loss = (mdist.all_reduce_sum(loss_sum.reshape(1)) / n_targets).item()
+            # One device sync per step, for both figures.
+            step_loss, grad_norm = torch.cat([mdist.all_reduce_sum(loss_sum.reshape(1)) / n_targets, grad_norm.reshape(1).to(n_targets)]).tolist()
             if not math.isfinite(step_loss):
                 raise InputError(f"the loss became {step_loss} at step {step + 1}", "lower optim.lr, or set train.grad_clip")
             elapsed = time.perf_counter() - t0
@@ -143,7 +148,7 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
             rates.append(rate)
             done = step + 1
             values: dict[str, Any] = {
-                "step": done, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
+                "step": done, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": rate, "mfu": (fpt * rate / (peak * info.world_size)) if peak else None,
                 "tokens": done * tokens_per_step,
             }
@@ -184,6 +189,12 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
     }
     run.set_summary(**summary)
     return {"run": run.id, "run_dir": str(run.path), **summary}
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def _moe_terms(config: TrainConfig, router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:

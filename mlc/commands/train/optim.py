@@ -24,6 +24,8 @@ def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Op
     """The optimizers for the trainable parameters: [AdamW] or [Muon, AdamW]. Each group's base lr is `initial_lr`."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     betas = (cfg.betas[0], cfg.betas[1])
+    # One fused kernel per step on GPUs instead of a dozen foreach launches (the same update).
+    fused = bool(named) and all(p.is_cuda for _, p in named)
 
     def adamw_groups(params: list[tuple[str, torch.Tensor]]) -> list[dict]:
         # Weight decay only on matrices: decaying norm gains and biases toward zero hurts (GPT-2/nanoGPT convention).
@@ -33,7 +35,7 @@ def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Op
         return [g for g in groups if g["params"]]
 
     if cfg.name == "adamw":
-        optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(adamw_groups(named), lr=cfg.lr, betas=betas, eps=cfg.eps)]
+        optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(adamw_groups(named), lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)]
     else:
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
         rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
@@ -46,7 +48,7 @@ def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Op
                 )
             )
         if rest:
-            optimizers.append(torch.optim.AdamW(adamw_groups(rest), lr=cfg.lr, betas=betas, eps=cfg.eps))
+            optimizers.append(torch.optim.AdamW(adamw_groups(rest), lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused))
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
