@@ -128,7 +128,7 @@ def llama_cpp(gguf: Path, n: int, reps: int, prompts: list[list[int]]) -> dict[s
 def quantized(path: Path, scheme: str) -> Path:
     out = cache_dir() / "bench" / f"smollm2-{scheme}-{path.name}"
     if not (out / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "mlc", "quantize", str(path), "-s", scheme, "-o", str(out), "--no-eval", "--overwrite"],
+        subprocess.run([sys.executable, "-m", "mlc", "quantize", str(path), "-s", scheme, *(["-g", "32"] if scheme == "int4" else []), "-o", str(out), "--no-eval", "--overwrite"],
                        check=True, capture_output=True, env={**os.environ, "MLC_RUNS_DIR": str(cache_dir() / "bench" / "runs")})
     return out
 
@@ -247,8 +247,8 @@ def main() -> None:
     rows["transformers bf16 batch 1"] = hf_decode_rate(path, torch.bfloat16, 1, n, reps)
     rows["transformers bf16 batch 8"] = hf_decode_rate(path, torch.bfloat16, 8, n, reps)
     rows["mlc bf16 batch 1"] = mlc_decode_rate(path, "bfloat16", n, reps)
-    rows["mlc int8 batch 1"] = mlc_decode_rate(quantized(path, "int8"), None, n, reps)
-    rows["mlc int4 batch 1"] = mlc_decode_rate(quantized(path, "int4"), None, n, reps)
+    rows["mlc int8 batch 1"] = mlc_decode_rate(quantized(path, "int8"), "bfloat16", n, reps)
+    rows["mlc int4 batch 1"] = mlc_decode_rate(quantized(path, "int4"), "bfloat16", n, reps)
     llama = None
     if not args.skip_llamacpp:
         llama = llama_cpp(gguf, n, reps, prompts[:8])

@@ -1,12 +1,14 @@
 """Attention over a paged KV cache for a flat batch of sequences (the serving engine's model step).
 
-Keys and values live in one tensor per layer, (num_blocks * block_size, kv_heads, head_dim): slot
-`block * block_size + offset` holds one position of one sequence. A step runs the model once on all
+Keys and values live in one tensor per layer, (kv_heads, num_blocks * block_size, head_dim): slot
+`block * block_size + offset` holds one position of one sequence. Heads outermost makes a gathered
+context (index_select along the slot dimension) contiguous per head, the layout attention reads
+fastest, and lets the model's (1, kv_heads, tokens, head_dim) keys be written without a transpose. A step runs the model once on all
 new tokens of all scheduled sequences, concatenated into a batch of one: decodes first (one token
 each), then prefill chunks. `PagedBatch` implements the model's AttentionCache protocol for that
 step. Everything that depends only on the step's layout (slots to write, slots to gather, masks) is
 built once in `PagedBatch.__init__` and reused by every layer, so a layer costs two index_copy_,
-one gather per key/value and one scaled-dot-product-attention call for all decodes together.
+one index_select per key/value and one scaled-dot-product-attention call for all decodes together.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class PagedKVStore:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
-        shape = (num_blocks * block_size, kv_heads, head_dim)
+        shape = (kv_heads, num_blocks * block_size, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -123,16 +125,16 @@ class PagedBatch:
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None
     ) -> torch.Tensor:
         kc, vc = self.store.k[layer_idx], self.store.v[layer_idx]
-        kc.index_copy_(0, self.write_slots, k[0].transpose(0, 1).to(kc.dtype))
-        vc.index_copy_(0, self.write_slots, v[0].transpose(0, 1).to(vc.dtype))
-        hq, hkv, d = q.shape[1], kc.shape[1], q.shape[3]
+        kc.index_copy_(1, self.write_slots, k[0].to(kc.dtype))
+        vc.index_copy_(1, self.write_slots, v[0].to(vc.dtype))
+        hq, hkv, d = q.shape[1], kc.shape[0], q.shape[3]
         outs = []
         if self.num_decodes:
             b, length = self.num_decodes, self.decode_max
             # GQA without repeating keys: the q heads that share a kv head become that head's "queries".
             qd = q[0, :, :b].transpose(0, 1).reshape(b, hkv, hq // hkv, d)
-            keys = kc[self.decode_gather].view(b, length, hkv, d).transpose(1, 2)
-            values = vc[self.decode_gather].view(b, length, hkv, d).transpose(1, 2)
+            keys = kc.index_select(1, self.decode_gather).view(hkv, b, length, d).transpose(0, 1)
+            values = vc.index_select(1, self.decode_gather).view(hkv, b, length, d).transpose(0, 1)
             out = F.scaled_dot_product_attention(qd, keys, values, attn_mask=self._decode_mask(sliding_window))
             outs.append(out.reshape(b, hq, d).transpose(0, 1).unsqueeze(0))
         for first, n, start, gather_idx in self.prefills:
@@ -145,9 +147,8 @@ class PagedBatch:
                 if gather_idx is None:
                     keys, values = k[:, :, first : first + n], v[:, :, first : first + n]
                 else:
-                    ctx = start + n
-                    keys = kc[gather_idx].view(1, ctx, hkv, d).transpose(1, 2)
-                    values = vc[gather_idx].view(1, ctx, hkv, d).transpose(1, 2)
+                    keys = kc.index_select(1, gather_idx).unsqueeze(0)
+                    values = vc.index_select(1, gather_idx).unsqueeze(0)
                 qpos = torch.arange(start, start + n, device=q.device)[:, None]
                 kpos = torch.arange(keys.shape[2], device=q.device)[None, :]
                 allowed = kpos <= qpos

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+
+# As `mlc serve` does: OpenMP workers that spin while idle make the reference model (transformers, in
+# this process) crawl when the cores are shared with a live server. Effective if torch is not loaded yet.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import socket
 import subprocess
 import sys

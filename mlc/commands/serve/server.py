@@ -68,13 +68,17 @@ def load_engine(cfg: ServeConfig, metrics: Any, path: Path) -> tuple[Any, Any, A
 
     from mlc.commands.serve.engine import Engine, EngineConfig
     from mlc.commands.serve.structured import GrammarFactory
+    from mlc.io.hfdir import read_config
     from mlc.kernels.paged_attention import PagedKVStore
     from mlc.models import load_model
     from mlc.models.tokenizer import load_tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    model = load_model(path, dtype=None if cfg.dtype == "auto" else cfg.dtype)
+    dtype_name = None if cfg.dtype == "auto" else cfg.dtype
+    if dtype_name is None and "quantization_config" in read_config(path):
+        dtype_name = "bfloat16"  # the int8/int4 CPU kernels are fast with bf16 activations, 10-40x slower with fp32
+    model = load_model(path, dtype=dtype_name)
     tokenizer = load_tokenizer(path)
     mc = model.config
     dtype = next(model.parameters()).dtype
