@@ -1,0 +1,184 @@
+"""Run the demo's stages as real `mlc` processes and report what each made."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlc import console, options
+from mlc.commands.demo.stages import Stage, lifecycle
+from mlc.errors import MlcError
+from mlc.runs import index, open_run
+from mlc.runs.rundir import read_run
+
+# Summary keys worth showing per stage, in order of preference (each command records its own).
+HIGHLIGHTS = (
+    "final_loss", "eval_loss", "eval_perplexity", "perplexity", "ppl_before", "ppl_after",
+    "bits_per_param", "size_bytes", "tokens_per_s", "experts", "seconds",
+)
+
+
+@dataclass
+class StageResult:
+    name: str
+    title: str
+    seconds: float
+    run_id: str | None
+    artifact: str | None
+    figures: dict[str, Any]
+
+
+def run_demo(workdir: Path | None, base_steps: int, chat_steps: int, moe_steps: int, serve: bool, json_output: bool) -> None:
+    root = options.get().runs_dir.absolute()
+    config = {"base_steps": base_steps, "chat_steps": chat_steps, "moe_steps": moe_steps, "serve": serve}
+    started = time.perf_counter()
+    with open_run("demo", config, runs_root=root) as run:
+        work = Path(workdir).absolute() if workdir else run.path / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        refs: dict[str, str] = {}
+        results: list[StageResult] = []
+        for stage in lifecycle(work, base_steps, chat_steps, moe_steps):
+            result = run_stage(stage, work, root, refs)
+            results.append(result)
+            if result.run_id:
+                refs[stage.name] = f"run:{result.run_id}"
+            console.info(f"[green]done[/green] {stage.name:<10} {result.seconds:6.1f}s  {describe(result)}")
+        if serve:
+            results.append(serve_stage(work / "merged-int8", work, root))
+            console.info(f"[green]done[/green] {'serve':<10} {results[-1].seconds:6.1f}s  {describe(results[-1])}")
+        total = time.perf_counter() - started
+        summary = {"seconds": round(total, 1), "work": str(work), "stages": [r.__dict__ for r in results]}
+        run.set_summary(**summary)
+        quantize_run = next((r.run_id for r in results if r.name == "quantize"), None)
+    if options.want_json(json_output):
+        console.print_json({"run": run.id, **summary})
+        return
+    print_report(results, total, work, root, quantize_run)
+
+
+def run_ids(root: Path) -> set[str]:
+    return {p.name for p in index.run_dirs(root)}
+
+
+def run_stage(stage: Stage, work: Path, root: Path, refs: dict[str, str]) -> StageResult:
+    for name, make in stage.files.items():
+        (work / name).write_text(make(refs))
+    argv = [refs[a[1:]] if a.startswith("@") else a for a in stage.argv]
+    log = work / f"{stage.name}.log"
+    before = run_ids(root)
+    start = time.perf_counter()
+    with console.err.status(f"[bold]{stage.name}[/bold]: {stage.title}  (mlc {' '.join(argv[:2])} ...)"), open(log, "w") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlc", "--runs-dir", str(root), *argv], stdout=f, stderr=subprocess.STDOUT, env=stage_env()
+        )
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
+        raise MlcError(f"demo stage {stage.name} (`mlc {' '.join(argv)}`) failed with exit code {proc.returncode}: {last[0].strip()}", f"its full output is in {log}")
+    new = sorted(run_ids(root) - before)
+    run_id = new[-1] if new else None
+    figures, artifact = {}, None
+    if run_id:
+        data = read_run(root / run_id).data
+        figures = pick_figures(data.get("summary", {}))
+        artifact = next((a["path"] for a in data.get("artifacts", {}).values()), None)
+    return StageResult(stage.name, stage.title, seconds, run_id, artifact, figures)
+
+
+def stage_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def pick_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    picked = {}
+    for key in HIGHLIGHTS:
+        value = summary.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            picked[key] = round(value, 4) if isinstance(value, float) else value
+    return picked
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_stage(model_dir: Path, work: Path, root: Path) -> StageResult:
+    """Start `mlc serve`, ask one chat question through the openai client, then stop it with SIGTERM."""
+    from openai import OpenAI
+
+    port = free_port()
+    log = work / "serve.log"
+    before = run_ids(root)
+    start = time.perf_counter()
+    with console.err.status("[bold]serve[/bold]: OpenAI-compatible server on the quantised model"), open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlc", "--runs-dir", str(root), "serve", str(model_dir), "--port", str(port),
+             "--served-model-name", "mlc-demo", "--kv-cache-memory", "64MiB"],
+            stdout=f, stderr=subprocess.STDOUT, env=stage_env(),
+        )
+        try:
+            wait_healthy(proc, port, log)
+            client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+            reply = client.chat.completions.create(
+                model="mlc-demo", messages=[{"role": "user", "content": "What do bees make?"}], max_tokens=32, temperature=0
+            )
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    seconds = time.perf_counter() - start
+    new = sorted(run_ids(root) - before)
+    answer = reply.choices[0].message.content or ""
+    figures = {"completion_tokens": reply.usage.completion_tokens if reply.usage else None}
+    return StageResult("serve", f"Q: What do bees make?  A: {answer.strip()!r}", seconds, new[-1] if new else None, None, figures)
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise MlcError(f"mlc serve exited with code {proc.returncode} before it was ready", f"its output is in {log}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise MlcError(f"mlc serve was not ready after {timeout:.0f}s", f"its output is in {log}")
+
+
+def describe(result: StageResult) -> str:
+    figures = "  ".join(f"{k}={v}" for k, v in result.figures.items() if v is not None)
+    run = f"run {result.run_id}" if result.run_id else ""
+    return f"{run}  {figures}".strip()
+
+
+def print_report(results: list[StageResult], total: float, work: Path, root: Path, quantize_run: str | None) -> None:
+    from rich.table import Table
+
+    from mlc.runs.lineage import as_rich_tree, lineage
+
+    table = Table("stage", "what", "seconds", "run", "artifact", "figures", title=f"mlc demo: {total:.0f}s")
+    for r in results:
+        figures = "\n".join(f"{k} {v}" for k, v in r.figures.items() if v is not None)
+        table.add_row(r.name, r.title, f"{r.seconds:.1f}", r.run_id or "", r.artifact or "", figures)
+    console.out.print(table)
+    if quantize_run:
+        console.out.print("\nWhere the quantised model came from (`mlc runs lineage`):")
+        console.out.print(as_rich_tree(lineage(root, f"run:{quantize_run}")))
+    console.out.print(f"\nConfigs, logs and models: {work}\nRuns: {root}  (try `mlc runs ls`)")
