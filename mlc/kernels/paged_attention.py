@@ -84,8 +84,9 @@ class PagedBatch:
         self._decode_masks: dict[int | None, torch.Tensor | None] = {}
         if self.num_decodes:
             decodes = segments[: self.num_decodes]
-            self.decode_lens = torch.tensor([s.start + 1 for s in decodes], device=device)
-            self.decode_max = max(s.start + 1 for s in decodes)
+            self._lens = [s.start + 1 for s in decodes]
+            self.decode_lens = torch.tensor(self._lens, device=device)
+            self.decode_max = max(self._lens)
             gather = []
             for s in decodes:
                 gather.extend(_slots(s.blocks, 0, s.start + 1, bs))
@@ -108,14 +109,15 @@ class PagedBatch:
     def _decode_mask(self, window: int | None) -> torch.Tensor | None:
         """Additive (decodes, 1, 1, longest) mask: keys past each sequence's length (or outside its window) are -inf."""
         if window not in self._decode_masks:
-            lens = self.decode_lens[:, None]
-            j = torch.arange(self.decode_max, device=lens.device)[None, :]
-            allowed = j < lens
-            if window is not None:
-                allowed &= j > lens - 1 - window
-            if bool(allowed.all()):
+            # Decided on Python ints, not tensors, so that a compiled step does not break its graph here.
+            if min(self._lens) == self.decode_max and (window is None or self.decode_max <= window):
                 mask = None  # every key is visible (always the case at batch size 1): no mask at all
             else:
+                lens = self.decode_lens[:, None]
+                j = torch.arange(self.decode_max, device=lens.device)[None, :]
+                allowed = j < lens
+                if window is not None:
+                    allowed &= j > lens - 1 - window
                 zero = torch.zeros((), dtype=self.store.dtype, device=lens.device)
                 mask = torch.where(allowed, zero, float("-inf")).to(self.store.dtype)[:, None, None, :]
             self._decode_masks[window] = mask

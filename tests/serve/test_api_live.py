@@ -164,6 +164,26 @@ def test_json_schema_and_json_object_outputs_always_parse_and_validate(server, m
         assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["C", "F"]}},
+    "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_a_forced_tool_call_returns_arguments_that_match_the_function_schema(server, model_name):
+    c = server.client()
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = c.chat.completions.create(model=model_name, messages=msgs, tools=[WEATHER], tool_choice=choice, max_tokens=60, temperature=0)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        call = r.choices[0].message.tool_calls[0]
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and set(args) == {"city", "unit"} and args["unit"] in ("C", "F")
+    stream = c.chat.completions.create(model=model_name, messages=msgs, tools=[WEATHER], tool_choice="required", max_tokens=60, temperature=0, stream=True)
+    chunks = list(stream)
+    calls = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert json.loads(calls[0].function.arguments) == args and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def error_of(call):
     with pytest.raises(openai.APIStatusError) as e:
         call()
@@ -180,7 +200,7 @@ def test_each_bad_request_gets_its_openai_shaped_error(server, model_name):
     status, body = error_of(lambda: c.completions.create(model=model_name, prompt="word " * 1100, max_tokens=5))
     assert status == 400 and body["code"] == "context_length_exceeded"
     status, body = error_of(lambda: c.chat.completions.create(model=model_name, messages=msgs, tools=[{"type": "function", "function": {"name": "f"}}]))
-    assert status == 400 and body["param"] == "tools"
+    assert status == 400 and body["param"] == "tool_choice"  # auto: tool calls are not parsed from free text
     status, body = error_of(lambda: c.chat.completions.create(model="no-such-model", messages=msgs))
     assert status == 404 and body["code"] == "model_not_found"
     for key in (None, "wrong-key"):

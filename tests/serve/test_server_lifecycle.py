@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from mlc.commands.serve.api import ServerState, build_app
-from tests.serve.conftest import http, start_server
+from tests.serve.conftest import start_server
 
 
 def asgi_call(app, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
@@ -71,20 +71,26 @@ def test_health_was_503_while_the_model_loaded(small_server):
 @pytest.mark.realmodel
 def test_a_full_queue_answers_429_and_frees_up_again(small_server):
     name = small_server.client().models.list().data[0].id
-    long = dict(model=name, prompt="Count:", max_tokens=400, extra_body={"ignore_eos": True})
-    threads = []
-    for _ in range(3):  # one runs, two wait
-        t = threading.Thread(target=lambda: small_server.client(timeout=120).completions.create(**long), daemon=True)
+    release = threading.Event()
+
+    def hold():  # a streaming client that walks away once told to (or once it is finally served)
+        stream = small_server.client(timeout=300).completions.create(model=name, prompt="Count:", max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+        for _ in stream:
+            if release.is_set():
+                stream.close()
+                return
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(3)]  # one runs, two wait
+    for t in threads:
         t.start()
-        threads.append(t)
     assert wait_for(lambda: small_server.metrics()["mlc:num_requests_waiting"] == 2)
     with pytest.raises(openai.RateLimitError) as e:
         small_server.client().completions.create(model=name, prompt="one more", max_tokens=2)
     assert e.value.body["code"] == "queue_full"
-    http(small_server, "POST", "/reset_prefix_cache")
-    # Free the queue for the next test: the running request's client cannot be cancelled from here, so wait.
+    release.set()
     for t in threads:
-        t.join(timeout=300)
+        t.join(timeout=120)
+    assert wait_for(lambda: small_server.metrics()["mlc:num_requests_running"] == 0)
     assert small_server.client().completions.create(model=name, prompt="now", max_tokens=2).usage.completion_tokens >= 1
 
 

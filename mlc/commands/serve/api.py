@@ -137,13 +137,19 @@ def build_app(state: ServerState) -> FastAPI:
         engine = state.ready()
         req = P.validate(await _json(request), P.CHAT_FIELDS)
         _check_model(state, req["model"])
-        if req.get("tools") and req.get("tool_choice", "auto") != "none":
-            raise P.bad("tools", "tool calling is not supported; use tool_choice none, or response_format json_schema")
-        if "tool_choice" in req and req["tool_choice"] != "none":
-            raise P.bad("tool_choice", "only none is supported")
+        call_schema = None
+        if "tools" in req:
+            call_schema = P.tool_schema(req["tools"], req.get("tool_choice"))
+            if call_schema is not None and "response_format" in req:
+                raise P.bad("response_format", "cannot be combined with a forced tool call")
+        elif "tool_choice" in req:
+            raise P.bad("tool_choice", "needs tools")
         if "top_logprobs" in req and not req.get("logprobs"):
             raise P.bad("top_logprobs", "needs logprobs: true")
-        prompt = _render_chat(state, P.chat_messages(req["messages"]), True)
+        prompt = _render_chat(state, P.chat_messages(req["messages"]), True, req.get("tools"))
+        if call_schema is not None:
+            req["response_format"] = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": call_schema}}
+            req["tool_call"] = True
         logprobs = req.get("top_logprobs", 0) if req.get("logprobs") else None
         max_tokens = req.get("max_completion_tokens", req.get("max_tokens", max(1, state.max_model_len - len(prompt))))
         job = _Job(state, engine, "chat.completion", req, [prompt], max_tokens, logprobs)
@@ -182,9 +188,9 @@ def _check_ids(state: ServerState, name: str, ids: list[int]) -> list[int]:
     return ids
 
 
-def _render_chat(state: ServerState, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+def _render_chat(state: ServerState, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list | None = None) -> list[int]:
     try:
-        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools)
     except MlcError as e:
         raise P.bad("messages", e.message if hasattr(e, "message") else str(e)) from None
 
@@ -314,7 +320,10 @@ class _Job:
         for i, c in enumerate(self.choices):
             reason = c.finish_reason
             if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": reason, "stop_reason": c.stop_reason}
+                message: dict[str, Any] = {"role": "assistant", "content": c.text}
+                if self.req.get("tool_call") and reason == "stop":
+                    message, reason = {"role": "assistant", "content": None, "tool_calls": [self._tool_call(c.text)]}, "tool_calls"
+                choice = {"index": i, "message": message, "finish_reason": reason, "stop_reason": c.stop_reason}
                 choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs)} if self.logprobs is not None else None
             else:
                 text = c.text
@@ -347,6 +356,14 @@ class _Job:
                     if not c.started:
                         c.started = True
                         yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+                    if self.req.get("tool_call"):  # the call is sent whole, once its JSON is complete
+                        if ev.finish_reason == "stop":
+                            call = {"index": 0, **self._tool_call(c.text)}
+                            yield chunk({"index": i, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None})
+                            yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"})
+                        elif ev.finish_reason is not None:
+                            yield chunk({"index": i, "delta": {"content": c.text}, "logprobs": None, "finish_reason": ev.finish_reason})
+                        continue
                     if ev.text or ev.logprobs:
                         lp = {"content": self._chat_logprobs(ev.logprobs)} if self.logprobs is not None else None
                         yield chunk({"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None})
@@ -369,6 +386,10 @@ class _Job:
         finally:
             if self._unfinished():
                 self._abort()
+
+    def _tool_call(self, text: str) -> dict[str, Any]:
+        call = json.loads(text)  # the grammar guarantees {"name": ..., "arguments": {...}}
+        return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])

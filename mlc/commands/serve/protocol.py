@@ -222,3 +222,40 @@ def chat_messages(messages: Any) -> list[dict[str, Any]]:
         msg = {**m, "role": "system" if m["role"] == "developer" else m["role"], "content": content}
         out.append(msg)
     return out
+
+
+def tool_schema(tools: Any, tool_choice: Any) -> dict[str, Any] | None:
+    """The JSON schema a forced tool call must follow, or None when no call is wanted (tool_choice none).
+
+    A call is {"name": ..., "arguments": {...}}. tool_choice "required" allows any listed function,
+    {"type": "function", "function": {"name": N}} only N. "auto" would need the model's own
+    tool-call syntax parsed out of free text, which differs per model: it is refused, not guessed.
+    """
+    if not isinstance(tools, list) or not tools:
+        raise bad("tools", "must be a non-empty list of {type: function, function: {name, parameters}}")
+    functions = {}
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad(f"tools[{i}]", "must be {type: function, function: {name, parameters}}")
+        params = fn.get("parameters", {"type": "object"})
+        if not isinstance(params, dict):
+            raise bad(f"tools[{i}].function.parameters", "must be a JSON schema object")
+        functions[fn["name"]] = params
+    if tool_choice == "none":
+        return None
+    if tool_choice == "required":
+        names = list(functions)
+    elif isinstance(tool_choice, dict) and isinstance((tool_choice.get("function") or {}).get("name"), str):
+        names = [tool_choice["function"]["name"]]
+        if names[0] not in functions:
+            raise bad("tool_choice", f"names function {names[0]!r}, which is not in tools")
+    elif tool_choice in (None, "auto"):
+        raise bad("tool_choice", "auto is not supported (tool calls are not parsed from free text); use required, a named function, or none")
+    else:
+        raise bad("tool_choice", "must be none, required or {type: function, function: {name}}")
+    calls = [
+        {"type": "object", "properties": {"name": {"const": n}, "arguments": functions[n]}, "required": ["name", "arguments"], "additionalProperties": False}
+        for n in names
+    ]
+    return calls[0] if len(calls) == 1 else {"anyOf": calls}
