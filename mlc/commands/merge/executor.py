@@ -1,10 +1,10 @@
 """Streaming execution of a merge plan: read a tensor's inputs, merge, write, free; I/O overlaps compute.
 
-Reader threads prefetch the inputs of the next jobs while the main thread merges the current one,
-and a writer thread writes finished tensors with pwrite into their precomputed place in the shards.
-A byte budget caps what is in flight (inputs read but not merged, outputs merged but not written)
-at the largest single job, so peak memory is about (inputs + 1) x the largest tensor plus the
-method's scratch (at most about two tensors), whatever the model size.
+Reader threads prefetch the inputs of the next jobs while worker threads merge and write earlier
+ones (pwrite into each tensor's precomputed place in the shards). A byte budget caps what is in
+flight (inputs read but not merged, outputs merged but not written) at the largest single job, so
+peak memory is about (inputs + 1) x the largest tensor plus the methods' scratch (at most about two
+tensors' worth, shared between concurrent jobs), whatever the model size.
 """
 
 from __future__ import annotations
@@ -107,9 +107,15 @@ def execute(
     out_dir: Path,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     on_done: Callable[[Job], None] | None = None,
+    workers: int = 2,
     readers: int = 2,
 ) -> list[str]:
-    """Merge every job of the plan into safetensors shards (plus index) in out_dir; return the file names."""
+    """Merge every job of the plan into safetensors shards (plus index) in out_dir; return the file names.
+
+    Jobs run on `workers` threads, each doing one job's torch work single-threaded: on a shared or
+    busy machine that scales where torch's own thread pool (OpenMP, spin-waiting at every op) slows
+    to a crawl, and it needs no barrier per operation on an idle one.
+    """
     return_freed_memory_to_os()
     jobs = plan.jobs
     out_bytes = [job_out_bytes(plan, j) for j in jobs]
@@ -117,43 +123,50 @@ def execute(
     budget = Budget(max(max(costs, default=0), MIN_BUDGET))
     layout = [(j.name, plan.output_dtype(j), j.shape) for j in jobs]
     writer = ShardedWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata={"merged_by": "mlc"})
-    reads: dict[int, Future[list[torch.Tensor]]] = {}
-    writes: list[Future[None]] = []
-    next_read = 0
+    failed = threading.Event()
 
-    def write(job: Job, tensor: torch.Tensor, n: int) -> None:
+    def run(i: int, read: Future[list[torch.Tensor]]) -> None:
+        job = jobs[i]
+        held = costs[i]
         try:
-            writer.write(job.name, tensor)
+            if failed.is_set():
+                return
+            tensors = read.result()
+            out = merge_job(plan, job, tensors)
+            del tensors
+            budget.release(held - out_bytes[i])
+            held = out_bytes[i]
+            writer.write(job.name, out)
+            del out
+        except BaseException:
+            failed.set()
+            raise
         finally:
-            budget.release(n)
+            budget.release(held)
+        if on_done is not None:
+            on_done(job)
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    done: list[Future[None]] = []
     try:
         with ThreadPoolExecutor(readers, thread_name_prefix="merge-read") as read_pool, ThreadPoolExecutor(
-            1, thread_name_prefix="merge-write"
-        ) as write_pool:
+            workers, thread_name_prefix="merge"
+        ) as work_pool:
             for i, job in enumerate(jobs):
-                if next_read == i:  # nothing of this job in flight yet: wait for room
-                    budget.acquire(costs[i])
-                    reads[i] = read_pool.submit(read_job, plan, job)
-                    next_read += 1
-                while next_read < len(jobs) and budget.try_acquire(costs[next_read]):
-                    reads[next_read] = read_pool.submit(read_job, plan, jobs[next_read])
-                    next_read += 1
-                tensors = reads.pop(i).result()
-                in_bytes = sum(t.nbytes for t in tensors)
-                out = merge_job(plan, job, tensors)
-                del tensors
-                budget.release(in_bytes)
-                writes.append(write_pool.submit(write, job, out, out_bytes[i]))
-                del out
-                writes = [w for w in writes if not _done(w)]
-                if on_done is not None:
-                    on_done(job)
-            for w in writes:
-                w.result()
+                budget.acquire(costs[i])  # released in two parts: inputs once merged, output once written
+                if failed.is_set():
+                    budget.release(costs[i])
+                    break
+                done.append(work_pool.submit(run, i, read_pool.submit(read_job, plan, job)))
+                done = [f for f in done if not _done(f)]
+            for f in done:
+                f.result()
     except BaseException:
         writer.abort()
         raise
+    finally:
+        torch.set_num_threads(threads)
     return writer.close()
 
 

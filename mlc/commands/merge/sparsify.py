@@ -26,46 +26,42 @@ def magnitude_keys(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(view) & _KEY_MAX[view]
 
 
-def _histogram(keys: torch.Tensor, shift: int, width: int, select: tuple[int, int] | None = None) -> torch.Tensor:
-    """Counts of the keys' bits [shift, shift + width), optionally only over keys whose bits above select[0] equal select[1]."""
-    if select is not None:
-        keys = keys[(keys >> select[0]) == select[1]]
-    if shift:
-        keys = keys >> shift
-    if shift + width < 31:
-        keys = keys & ((1 << width) - 1)
-    return torch.bincount(keys, minlength=1 << width)
+def _histogram(keys: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.bincount(keys.reshape(-1), minlength=1 << width)
 
 
-def kth_keys(keys: torch.Tensor, ks: list[int]) -> list[tuple[int, int]]:
-    """For each k, the k-th smallest key (0-based) and how many keys are strictly smaller."""
+def kth_keys(keys: torch.Tensor, ks: list[int]) -> list[tuple[int, int, int]]:
+    """For each k: the k-th smallest key (0-based), how many keys are smaller, how many equal it."""
     if keys.dtype == torch.int64:  # float64 inputs: rare enough for kthvalue
         found = []
         for k in ks:
             value = int(torch.kthvalue(keys, k + 1).values)
-            found.append((value, int(torch.count_nonzero(keys < value))))
+            found.append((value, int(torch.count_nonzero(keys < value)), int(torch.count_nonzero(keys == value))))
         return found
-    if keys.dtype == torch.int16:
-        cum = _histogram(keys, 0, 15).cumsum(0)
+    if keys.dtype == torch.int16:  # 15-bit keys: one histogram holds every distinct value
+        counts = _histogram(keys, 15)
+        cum = counts.cumsum(0)
         found = []
         for k in ks:
             value = int(torch.searchsorted(cum, k, right=True))
-            found.append((value, int(cum[value - 1]) if value else 0))
+            found.append((value, int(cum[value]) - int(counts[value]), int(counts[value])))
         return found
-    # 31-bit keys: the high 15 bits first, then the low 16 bits inside that bucket.
-    cum_hi = _histogram(keys, 16, 15).cumsum(0)
+    # 31-bit keys: the high 15 bits first, then the low 16 bits inside the bucket that holds rank k.
+    high = keys >> 16
+    cum_hi = _histogram(high, 15).cumsum(0)
     found = []
     for k in ks:
         hi = int(torch.searchsorted(cum_hi, k, right=True))
         below_hi = int(cum_hi[hi - 1]) if hi else 0
-        cum_lo = _histogram(keys, 0, 16, select=(16, hi)).cumsum(0)
-        lo = int(torch.searchsorted(cum_lo, k - below_hi, right=True))
-        found.append(((hi << 16) | lo, below_hi + (int(cum_lo[lo - 1]) if lo else 0)))
+        counts = _histogram(keys[high == hi] & 0xFFFF, 16)
+        cum = counts.cumsum(0)
+        lo = int(torch.searchsorted(cum, k - below_hi, right=True))
+        found.append(((hi << 16) | lo, below_hi + int(cum[lo]) - int(counts[lo]), int(counts[lo])))
     return found
 
 
-def _first_n(mask: torch.Tensor, skip: int, n: int) -> torch.Tensor:
-    """Of the True entries of a flat bool mask, keep the ones numbered skip .. skip+n-1 (in index order)."""
+def _numbered(mask: torch.Tensor, skip: int, n: int) -> torch.Tensor:
+    """Of the True entries of a flat bool mask, the ones numbered skip .. skip+n-1 (in index order)."""
     out = torch.zeros_like(mask)
     seen = 0
     for start in range(0, mask.numel(), CHUNK):
@@ -92,10 +88,10 @@ def rank_range_mask(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return torch.ones(n, dtype=torch.bool)
     wanted = ([start] if start > 0 else []) + ([stop - 1] if stop < n else [])
     found = kth_keys(keys, wanted)
-    lo, below_lo = found[0] if start > 0 else (None, 0)
-    hi, below_hi = found[-1] if stop < n else (None, 0)
+    lo, below_lo, _ = found[0] if start > 0 else (None, 0, 0)
+    hi, below_hi, _ = found[-1] if stop < n else (None, 0, 0)
     if lo is not None and lo == hi:
-        return _first_n(keys == lo, start - below_lo, stop - start)
+        return _numbered(keys == lo, start - below_lo, stop - start)
     if lo is None:
         mask = keys < hi
     elif hi is None:
@@ -103,25 +99,35 @@ def rank_range_mask(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     else:
         mask = (keys > lo) & (keys < hi)
     if lo is not None:
-        mask |= _first_n(keys == lo, start - below_lo, n)  # equal keys at the bottom: the later ones are in
+        mask |= _numbered(keys == lo, start - below_lo, n)  # equal keys at the bottom: the later ones are in
     if hi is not None:
-        mask |= _first_n(keys == hi, 0, stop - below_hi)  # equal keys at the top: the earlier ones are in
+        mask |= _numbered(keys == hi, 0, stop - below_hi)  # equal keys at the top: the earlier ones are in
     return mask
 
 
 def magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero all but the int(density * n) largest-magnitude entries (at least one), in place."""
+    """Zero all but the int(density * n) largest-magnitude entries (at least one), in place.
+
+    Entries of equal magnitude at the threshold are kept lowest index first, as a stable sort would.
+    """
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return delta.zero_()
     n = delta.numel()
     k = max(1, int(density * n))
-    # A stable descending sort keeps, among equal magnitudes, the lowest indices: reverse the keys.
     keys = magnitude_keys(delta)
-    keys ^= _KEY_MAX[keys.dtype]
-    keep = rank_range_mask(keys, 0, k)
-    return delta.masked_fill_(~keep.view(delta.shape), 0)
+    ((value, below, equal),) = kth_keys(keys, [n - k])  # the smallest key that is kept
+    keep_equal = k - (n - below - equal)  # how many of the keys equal to it are kept
+    if keep_equal == equal:
+        drop = keys < value
+    elif keep_equal == 0:
+        drop = keys <= value
+    else:
+        drop = keys < value
+        drop |= _numbered(keys == value, keep_equal, n)
+    del keys
+    return delta.masked_fill_(drop.view(delta.shape), 0)
 
 
 def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:

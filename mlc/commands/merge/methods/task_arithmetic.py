@@ -20,7 +20,7 @@ import torch
 from mlc.commands.merge import sparsify
 from mlc.commands.merge.method import MergeMethod, Param, in_range, merge_method
 
-CHUNK = 1 << 20  # elements per pass of the combine step: float32 temporaries stay a few MB
+CHUNK = 1 << 16  # elements per pass of the combine step: temporaries stay in cache (and off mmap)
 
 
 def _params(default_normalize: bool, default_rescale: bool, extra: tuple[Param, ...] = ()) -> tuple[Param, ...]:
@@ -74,35 +74,36 @@ def combine_(deltas: list[torch.Tensor], base: torch.Tensor, params: dict[str, A
     """base + lambda * (sum of agreeing weighted deltas) / (sum of their weights), written into base.
 
     Sums accumulate in float32 and round once to the compute dtype, as torch's sum over a stacked
-    tensor does, so results match mergekit's bit for bit in float32 and (outside sparsification
-    ties) in bfloat16.
+    tensor does, so results match mergekit's bit for bit in float32 and, outside ties in the
+    sparsification, in bfloat16. The work goes in cache-sized chunks, overwriting the deltas.
     """
     dtype = base.dtype
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    weights = torch.tensor(params["weight"], dtype=dtype)  # rounded to the compute dtype, like mergekit's
-    if not consensus:
-        divisor = weights.sum()
-        divisor = torch.where(divisor.abs() < 1e-8, torch.ones_like(divisor), divisor)
+    weights = torch.tensor(params["weight"], dtype=dtype).tolist()  # rounded to the compute dtype, like mergekit's
+    divisor = sum(torch.tensor(weights, dtype=acc).tolist()) if not consensus else None
+    if divisor is not None:
+        divisor = float(torch.tensor(divisor, dtype=acc).to(dtype)) if abs(divisor) >= 1e-8 else 1.0
     out = base.view(-1)
     flats = [d.view(-1) for d in deltas]
     for start in range(0, out.numel(), CHUNK):
         parts = [f[start : start + CHUNK] for f in flats]
         mixed = parts[0].to(acc, copy=True)
+        for p in parts[1:]:
+            mixed += p
         if consensus:
-            for p in parts[1:]:
-                mixed += p
-            positive = mixed >= 0  # the elected sign: that of the weighted sum
+            # The elected sign is that of the weighted sum; an entry agrees when p * sign > 0. Summing
+            # the agreeing magnitudes and then applying the sign gives exactly the sum of the entries.
+            sign = torch.where(mixed >= 0, 1.0, -1.0).to(acc)
             mixed.zero_()
             total = torch.zeros_like(mixed)
-            for p, w in zip(parts, weights.tolist()):
-                agree = torch.where(positive, p > 0, p < 0)
-                mixed += p.masked_fill(~agree, 0)
-                total.add_(agree, alpha=w)
-            chunk_divisor = total.to(dtype)
-            chunk_divisor[chunk_divisor == 0] = 1
-        else:
-            for p in parts[1:]:
+            for p, w in zip(parts, weights):
+                p.mul_(sign.to(p.dtype)).clamp_min_(0)
                 mixed += p
+                total.add_(p > 0, alpha=w)
+            mixed *= sign
+            chunk_divisor = total.to(dtype)
+            chunk_divisor.masked_fill_(chunk_divisor == 0, 1)
+        else:
             chunk_divisor = divisor
         merged = mixed.to(dtype)
         if params["normalize"]:
