@@ -67,3 +67,27 @@ def test_preemption_under_a_tiny_pool_still_gives_the_same_tokens(tiny_hf_model)
     for i, p in enumerate(prompts):
         assert out[i] == generate(model, p, 20)[0]
     assert free == 16
+
+
+def test_a_repeated_prompt_reuses_its_cached_blocks_and_gives_the_same_tokens(tiny_hf_model):
+    model = load_model(tiny_hf_model("qwen2"))
+    engine = Engine(model, NumberTokenizer(), EngineConfig(num_blocks=32, block_size=4, max_batched_tokens=64))
+    prompt = list(range(10, 27))  # 17 tokens: 4 full blocks, the last token always recomputed
+    events = []
+    done = threading.Semaphore(0)
+
+    def sink(ev):
+        events.append(ev)
+        if ev.finish_reason:
+            done.release()
+
+    engine.start()
+    for rid in ("first", "second"):
+        engine.submit(GenerationRequest(rid, prompt, SamplingParams(temperature=0), max_tokens=6), sink)
+        assert done.acquire(timeout=60)
+    engine.stop()
+    final = {ev.request_id: ev for ev in events if ev.finish_reason}
+    tokens = {rid: [t for ev in events if ev.request_id == rid for t in ev.token_ids] for rid in final}
+    assert final["first"].cached_tokens == 0 and final["second"].cached_tokens == 16
+    assert tokens["first"] == tokens["second"] == generate(model, prompt, 6)[0]
+    assert (engine.pool.prefix_queries, engine.pool.prefix_hits) == (32, 16)
