@@ -47,7 +47,8 @@ def write_config(tmp_path: Path, text: str = SMALL, name: str = "train.toml") ->
 
 
 def mlc_train(
-    config: Path, runs: Path, *sets: str, nproc: int = 1, env: dict[str, str] | None = None, check: bool = True
+    config: Path, runs: Path, *sets: str, nproc: int = 1, env: dict[str, str] | None = None, check: bool = True,
+    args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
     """`mlc train` as a user runs it (torchrun for nproc > 1), one thread per process on the shared cores."""
     argv = [sys.executable, "-m", "mlc", "--runs-dir", str(runs), "train", str(config), "--json"]
@@ -55,6 +56,7 @@ def mlc_train(
         argv += ["--set", s]
     if nproc > 1:
         argv += ["--nproc-per-node", str(nproc)]
+    argv += list(args)
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(argv, capture_output=True, text=True, env=environment, timeout=300)
     if check and proc.returncode != 0:

@@ -50,7 +50,8 @@ def references(tmp_path_factory):
     out = {}
     for name, nproc, parallel in (("one", 1, "ddp"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp")):
         runs, trace = tmp / f"runs-{name}", tmp / f"trace-{name}.jsonl"
-        mlc_train(config, runs, f'train.parallel="{parallel}"', nproc=nproc, env={"MLC_TRAIN_TRACE_SAMPLES": str(trace)})
+        peak = ("--peak-flops", "1e12") if name == "one" else ()
+        mlc_train(config, runs, f'train.parallel="{parallel}"', nproc=nproc, env={"MLC_TRAIN_TRACE_SAMPLES": str(trace)}, args=peak)
         (run,) = train_runs(runs)
         out[name] = {"curve": loss_curve(run), "samples": traced_samples(trace), "run": run}
     return out
@@ -66,6 +67,16 @@ def test_two_processes_ddp_and_fsdp_match_one_process(references):
         assert worst <= PARITY_TOL, f"{name}: max |loss difference| {worst:.2e}"
         # The same samples every step, split across the two processes.
         assert references[name]["samples"] == references["one"]["samples"]
+
+
+def test_mfu_is_torchtitans_flop_count_over_the_given_peak(references):
+    # The tiny Llama by hand: per layer q, o 128x128, k, v 128x64, MLP 3 x 128x384, two norms of 128; the final norm;
+    # the tied head 2048x128 counts (a matmul), the embedding lookup does not.
+    params = 4 * (2 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 384 + 2 * 128) + 128 + 2048 * 128
+    per_token = 6 * params + 12 * 4 * 4 * 32 * 32  # + 12 * layers * heads * head_dim * seq_len
+    for m in metrics(references["one"]["run"]):
+        if "loss" in m:
+            assert m["mfu"] == pytest.approx(per_token * m["tokens_per_s"] / 1e12, rel=1e-9)
 
 
 def test_the_model_artifact_loads_in_transformers_with_the_same_eval_loss(references):
@@ -143,3 +154,17 @@ def _assert_same_samples(traces: list[Path], reference: dict[int, list[int]]) ->
     assert final == reference
     everything = sorted(i for v in final.values() for i in v)
     assert len(everything) == len(set(everything)) == 8 * 8  # 64 distinct samples: none read twice
+
+
+def test_continuing_from_a_run_records_it_as_the_input_and_starts_trained(references, tmp_path):
+    from conftest import DATA, SMALL
+
+    parent = references["one"]["run"]
+    parent_id = json.loads((parent / "run.json").read_text())["id"]
+    text = SMALL.replace(f'config = "{DATA / "tiny"}"', f'init = "run:{parent_id}"')
+    mlc_train(write_config(tmp_path, text), parent.parent, "train.steps=2", "checkpoint.interval=0")
+    child = next(r for r in train_runs(parent.parent) if r != parent)
+    (init,) = [i for i in json.loads((child / "run.json").read_text())["inputs"] if i["role"] == "init"]
+    assert init["producer_run"] == parent_id and init["producer_artifact"] == "model"
+    # It starts where the parent ended, far below a fresh model's first loss.
+    assert loss_curve(child)[1] < references["one"]["curve"][8] + 0.1 < references["one"]["curve"][1]

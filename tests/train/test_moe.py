@@ -65,7 +65,7 @@ z_loss_coef = 0.001
 max_sequences = 8
 [log]
 interval = 4
-tensorboard = false
+tensorboard = true
 """
     runs = tmp_path / "runs"
     mlc_train(write_config(tmp_path, text), runs)
@@ -73,6 +73,7 @@ tensorboard = false
     lines = [m for m in metrics(run) if "loss" in m]
     assert lines[-1]["loss"] < lines[0]["loss"] - 0.3
     assert [m["step"] for m in lines] == [4, 8]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     for m in lines:
         assert len(m["moe/expert_share"]) == 4  # one row per layer
         # Every expert of every layer got tokens, within a factor of 4 of each other.

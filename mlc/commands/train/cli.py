@@ -43,13 +43,14 @@ def train(
     import sys
 
     from mlc import console, options
-    from mlc.commands.train.config import load_config
+    from mlc.commands.train.config import check_world, load_config
     from mlc.engine.launch import LaunchSpec, run_torchrun, under_launcher
 
     overrides = list(set_ or [])
     cfg, text = load_config(config, overrides)  # every config problem is reported here, before any work
     spec = LaunchSpec(max(nproc_per_node, 1), nnodes, node_rank, master_addr, master_port)
     if (nproc_per_node > 1 or nnodes > 1) and not under_launcher():
+        check_world(cfg, spec.world_size)  # before starting any process
         if peak_flops:
             overrides.append(f"log.peak_flops={peak_flops}")
         args = ["mlc"] + (["--debug"] if options.get().debug else []) + ["train", str(Path(config).absolute())]

@@ -359,4 +359,6 @@ def fingerprint(config: TrainConfig) -> str:
     data = config.to_dict()
     data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k != "resume"}
     data["log"] = {}
+    # How the work is split does not change the trajectory: a DDP run may resume under FSDP2 and vice versa.
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("parallel", "compile")}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -60,7 +60,8 @@ def train(config: TrainConfig, given_text: str = "", peak_flops: float = 0.0) ->
 def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path: Path, peak_flops: float) -> dict[str, Any]:
     tc, B, mb = config.train, config.train.batch_size, config.train.micro_batch_size
     accum = check_world(config, info.world_size)
-    seed_everything(tc.seed * 1000 + info.rank)
+    # Every process builds the same model (LoRA's random init included: FSDP2 shards each rank's own copy).
+    seed_everything(tc.seed)
     init_dir = _init_dir(config, run)
     mcfg = model_config(config, init_dir)
     data = _prepare_data(config, init_dir, mcfg.vocab_size, run, info)
@@ -78,6 +79,7 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
     # DDP needs to know that an expert may get no token in a micro-batch (its parameters then have no gradient).
     model = _wrap(model, tc.parallel, info, find_unused=mcfg.is_moe)
     optimizers = build_optimizers(model, config.optim)
+    seed_everything(tc.seed * 1000 + info.rank)  # from here on, each process draws its own random numbers
     state = TrainState(model, optimizers, trainable_only=config.lora.enabled)
     manager = CheckpointManager(run_path / CHECKPOINTS, config.checkpoint.keep_last_k)
 
