@@ -21,11 +21,13 @@ from mlc.cliutil import json_option, new_app
 
 HELP = """Merge models: mergekit YAMLs as is, LoRA adapters, and searched merges of checkpoint pools.
 
+\b
   mlc merge CONFIG.yml --out DIR [options]     run a mergekit-style merge (see `mlc merge run --help`)
   mlc merge lora BASE ADAPTER... --out DIR      fold (and combine) PEFT LoRA adapters into a base
   mlc merge extract-lora BASE TUNED --rank R --out ADAPTER
   mlc merge search POOL... --objective NAME=FILE --out DIR
 
+\b
 Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
 della_linear, slerp, model_stock, passthrough (layer stacking with slices), plus any installed plugin.
 Everything is validated before a weight is read; every problem is listed at once.
@@ -131,3 +133,110 @@ def parse_size(text: str) -> int:
         return int(float(number) * units[t[len(number):].strip()])
     except (KeyError, ValueError):
         raise typer.BadParameter(f"{text!r} is not a size like 5GB", param_hint="--max-shard-size") from None
+
+
+def _adapter_params(weights: Optional[str], density: Optional[float], items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--param")
+        params[key.strip()] = yaml.safe_load(f"[{value}]") if "," in value else yaml.safe_load(value)
+    if weights is not None:
+        params["weight"] = [float(w) for w in weights.split(",")]
+    if density is not None:
+        params["density"] = density
+    return params
+
+
+@app.command("lora")
+def lora_command(
+    base: str = typer.Argument(..., help="Base model directory or mlc reference."),
+    adapters: list[str] = typer.Argument(..., help="PEFT LoRA adapter directories (or references)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory."),
+    method: Optional[str] = typer.Option(None, "--method", help="Combine several adapters first: linear, ties, dare_ties, dare_linear, task_arithmetic, ..."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Per-adapter weights, comma-separated (default: equal, summing to 1)."),
+    density: Optional[float] = typer.Option(None, "--density", help="Fraction of each adapter's delta kept (ties, dare_*)."),
+    param: list[str] = typer.Option([], "--param", help="Any other method parameter, KEY=VALUE (repeatable)."),
+    seed: int = typer.Option(0, "--seed", help="Seed for random methods."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Store floating tensors as float32, bfloat16 or float16 (default: the base's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    json_output: bool = json_option(),
+) -> None:
+    """Fold one PEFT LoRA adapter into its base, or several after combining them with a merge method."""
+    from mlc import console, options
+    from mlc.commands.merge.lora import check_fold, fold
+    from mlc.commands.merge.plan import DTYPES, load_method
+    from mlc.errors import ValidationError
+    from mlc.runs import open_run
+    from mlc.runs.refs import resolve
+
+    root = options.get().runs_dir
+    params = _adapter_params(weights, density, param)
+    chosen = load_method(method) if method else None
+    if chosen is not None and "weight" not in params and chosen.param("weight") is not None:
+        params["weight"] = [1.0 / len(adapters)] * len(adapters)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValidationError([f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}"], what="LoRA fold")
+    problems = [f"output {out} already exists (pass --overwrite to replace it)"] if out.exists() and not overwrite else []
+    base_path, adapter_paths = resolve(base, root).path, [resolve(a, root).path for a in adapters]
+    try:
+        check_fold(base_path, adapter_paths, chosen, params)
+    except ValidationError as e:
+        problems = e.problems + problems
+    if problems:
+        raise ValidationError(problems, what="LoRA fold")
+    config = {"base": str(base_path), "adapters": [str(a) for a in adapter_paths], "method": method, "params": params, "seed": seed, "dtype": dtype}
+    with open_run("merge-lora", config=config) as run:
+        run.add_input(base, role="base")
+        for a in adapters:
+            run.add_input(a, role="adapter")
+        with run.artifact("model", kind="model", out=out, overwrite=overwrite) as staging:
+            changed = fold(base_path, adapter_paths, staging, chosen, params, seed, DTYPES.get(dtype or ""))
+        run.set_summary(tensors_changed=changed, adapters=len(adapters))
+    if options.want_json(json_output):
+        console.print_json({"out": str(out.absolute()), "run": run.id, "tensors_changed": changed})
+    else:
+        console.info(f"folded {len(adapters)} adapter(s) into {out} ({changed} tensors changed, run {run.id})")
+
+
+@app.command("extract-lora")
+def extract_lora_command(
+    base: str = typer.Argument(..., help="Base model directory or mlc reference."),
+    tuned: str = typer.Argument(..., help="Fine-tuned model directory or reference (same architecture)."),
+    rank: int = typer.Option(..., "--rank", "-r", help="LoRA rank (truncated SVD of each delta)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output adapter directory (PEFT format)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Adapter dtype: float32, bfloat16 or float16."),
+    no_embeddings: bool = typer.Option(False, "--no-embeddings", help="Leave embedding deltas out of the adapter."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    json_output: bool = json_option(),
+) -> None:
+    """Extract a rank-R LoRA adapter (truncated SVD of tuned - base) that PEFT loads."""
+    from mlc import console, options
+    from mlc.commands.merge.lora import extract
+    from mlc.commands.merge.plan import DTYPES
+    from mlc.errors import ValidationError
+    from mlc.runs import open_run
+    from mlc.runs.refs import resolve
+
+    if dtype not in DTYPES:
+        raise ValidationError([f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}"], what="LoRA extraction")
+    if out.exists() and not overwrite:
+        raise ValidationError([f"output {out} already exists (pass --overwrite to replace it)"], what="LoRA extraction")
+    root = options.get().runs_dir
+    base_path, tuned_path = resolve(base, root).path, resolve(tuned, root).path
+    with open_run("merge-extract-lora", config={"base": str(base_path), "tuned": str(tuned_path), "rank": rank, "dtype": dtype}) as run:
+        run.add_input(base, role="base")
+        run.add_input(tuned, role="tuned")
+        with run.artifact("adapter", kind="lora", out=out, overwrite=overwrite) as staging:
+            report = extract(base_path, tuned_path, staging, rank, DTYPES[dtype], include_embeddings=not no_embeddings)
+        errors = [t["relative_error"] for t in report["tensors"].values()]
+        run.set_summary(rank=rank, tensors=len(errors), max_relative_error=max(errors), not_representable=report["not_representable"])
+    for name, size in report["not_representable"].items():
+        console.warn(f"{name} differs (max |delta| {size:.3g}) but is not a 2-D weight: a LoRA cannot carry it")
+    if options.want_json(json_output):
+        console.print_json({"out": str(out.absolute()), "run": run.id, **report})
+    else:
+        console.info(f"extracted rank-{rank} LoRA for {len(errors)} tensors into {out} (max relative error {max(errors):.3g}, run {run.id})")
