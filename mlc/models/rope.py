@@ -51,24 +51,26 @@ class RotaryTable:
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin) of shape (max_position_embeddings, head_dim) on device, in fp32."""
         if device not in self._tables:
             positions = torch.arange(self.length, dtype=torch.int64, device="cpu").float()
             freqs = positions[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._tables[device] = (emb.cos().to(device), emb.sin().to(device))
+            # rotate_half(x) * sin == roll(x, half) * [-sin, sin]: the sign lives in the table, which
+            # saves three ops per rotation and gives bit-identical results.
+            sin = emb.sin()
+            half = sin.shape[-1] // 2
+            signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+            self._tables[device] = (emb.cos().to(device), signed_sin.to(device))
         return self._tables[device]
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of shape (batch, 1, seq, head_dim) for the given positions, in dtype."""
+        """cos and signed sin of shape (batch, 1, seq, head_dim) for the given positions, in dtype."""
         cos, sin = self.table(position_ids.device)
         return cos[position_ids].unsqueeze(1).to(dtype), sin[position_ids].unsqueeze(1).to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, heads, seq, head_dim) by its positions' angles (the 'rotate half' convention)."""
-    return x * cos + rotate_half(x) * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, heads, seq, head_dim) by its positions' angles, in transformers' "rotate half"
+    convention: x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1)."""
+    return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * signed_sin
