@@ -80,6 +80,12 @@ def run_command(
         help="How DARE/DELLA rescale kept entries: l1 (mergekit's default: restore the L1 norm) or inverse_keep "
         "(the papers' 1/(1-p)). Sets the global parameter rescale_mode; YAML settings at model or slice level still win.",
     ),
+    tie_order: Optional[str] = typer.Option(
+        None,
+        "--tie-order",
+        help="Magnitude selection (ties, breadcrumbs) among equal magnitudes at the threshold: index (default: lowest "
+        "indices kept, no sort) or argsort (torch.argsort's order, which reproduces mergekit's picks exactly; slower).",
+    ),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB."),
     check: bool = typer.Option(False, "--check", help="Validate the config and inputs, print the plan summary, write nothing."),
     json_output: bool = json_option(),
@@ -90,7 +96,11 @@ def run_command(
 
     if rescale_mode is not None and rescale_mode not in ("l1", "inverse_keep"):
         raise typer.BadParameter("must be l1 or inverse_keep", param_hint="--rescale-mode")
+    if tie_order is not None and tie_order not in ("index", "argsort"):
+        raise typer.BadParameter("must be index or argsort", param_hint="--tie-order")
     overrides = {"rescale_mode": rescale_mode} if rescale_mode else {}
+    if tie_order:
+        overrides["tie_order"] = tie_order
     as_json = options.want_json(json_output)
     if check:
         plan = plan_merge(config, parameters=overrides, seed=seed, out=out, overwrite=overwrite)

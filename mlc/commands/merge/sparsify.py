@@ -105,10 +105,19 @@ def rank_range_mask(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return mask
 
 
-def magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
+def _argsort_keep(delta: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """mergekit's selection: positions start..stop-1 of torch's (unstable) sort of |delta| in float32."""
+    order = torch.argsort(delta.abs().reshape(-1).float(), descending=descending)[start:stop]
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    keep[order] = True
+    return keep.view(delta.shape)
+
+
+def magnitude_(delta: torch.Tensor, density: float, tie_order: str = "index") -> torch.Tensor:
     """Zero all but the int(density * n) largest-magnitude entries (at least one), in place.
 
-    Entries of equal magnitude at the threshold are kept lowest index first, as a stable sort would.
+    Entries of equal magnitude at the threshold are kept lowest index first, as a stable sort would;
+    tie_order="argsort" sorts like mergekit instead (a full sort, slower, and the same picks).
     """
     if density >= 1:
         return delta
@@ -116,6 +125,8 @@ def magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
         return delta.zero_()
     n = delta.numel()
     k = max(1, int(density * n))
+    if tie_order == "argsort":
+        return delta.masked_fill_(~_argsort_keep(delta, 0, k, descending=True), 0)
     keys = magnitude_keys(delta)
     ((value, below, equal),) = kth_keys(keys, [n - k])  # the smallest key that is kept
     keep_equal = k - (n - below - equal)  # how many of the keys equal to it are kept
@@ -130,7 +141,7 @@ def magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta.masked_fill_(drop.view(delta.shape), 0)
 
 
-def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float, tie_order: str = "index") -> torch.Tensor:
     """Model Breadcrumbs: drop the gamma fraction of largest magnitudes, then the smallest, keeping int(density*n)."""
     if density >= 1:
         return delta
@@ -138,7 +149,10 @@ def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float) -> to
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)  # fewer outliers are dropped when density asks for more
-    keep = rank_range_mask(magnitude_keys(delta), n_bottom, n_bottom + target)
+    if tie_order == "argsort":
+        keep = _argsort_keep(delta, n_bottom, n_bottom + target, descending=False)
+    else:
+        keep = rank_range_mask(magnitude_keys(delta), n_bottom, n_bottom + target)
     return delta.masked_fill_(~keep.view(delta.shape), 0)
 
 

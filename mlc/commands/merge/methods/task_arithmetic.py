@@ -53,11 +53,11 @@ def task_vectors(
             rescale, mode = params["rescale"], params["rescale_mode"]
             before = float(d.abs().sum(dtype=torch.float64)) if rescale and mode == "l1" else 0.0
             if how == "magnitude":
-                sparsify.magnitude_(d, density)
+                sparsify.magnitude_(d, density, params["tie_order"])
             elif how == "random":
                 sparsify.bernoulli_keep_(d, density, rng)
             elif how == "outliers":
-                sparsify.magnitude_outliers_(d, density, params["gamma"][i])
+                sparsify.magnitude_outliers_(d, density, params["gamma"][i], params["tie_order"])
             else:
                 sparsify.della_keep_(d, density, params["epsilon"][i], rng, divide_by_prob=rescale and mode == "inverse_keep")
             if rescale and mode == "l1":
@@ -116,8 +116,18 @@ def combine_(deltas: list[torch.Tensor], base: torch.Tensor, params: dict[str, A
 
 def _family(name: str, how: str | None, consensus: bool, normalize: bool, rescale: bool, doc: str) -> MergeMethod:
     extra: tuple[Param, ...] = ()
+    if how in ("magnitude", "outliers"):
+        extra = (
+            Param(
+                "tie_order",
+                str,
+                "index",
+                choices=("index", "argsort"),
+                help="equal magnitudes at the threshold: keep lower indices (fast), or torch.argsort's order (mergekit's exact picks, a full sort)",
+            ),
+        )
     if how == "outliers":
-        extra = (Param("gamma", float, 0.01, per_model=True, check=in_range(0, 1, high_open=True), help="fraction of largest entries dropped"),)
+        extra += (Param("gamma", float, 0.01, per_model=True, check=in_range(0, 1, high_open=True), help="fraction of largest entries dropped"),)
     if how == "della":
         extra = (Param("epsilon", float, 0.15, per_model=True, check=in_range(0, 1, high_open=True), help="spread of keep probabilities around density"),)
 
