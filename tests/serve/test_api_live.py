@@ -215,14 +215,14 @@ def test_32_concurrent_greedy_streams_equal_each_request_alone(server, model_nam
     prompts = [f"Fact {i}: the number {i * 7} is" for i in range(32)]
 
     def run(p):
-        stream = server.client().completions.create(model=model_name, prompt=p, max_tokens=12, temperature=0, stream=True, logprobs=0)
+        stream = server.client().completions.create(model=model_name, prompt=p, max_tokens=8, temperature=0, stream=True, logprobs=0)
         return [tok for ch in stream if ch.choices and ch.choices[0].logprobs for tok in ch.choices[0].logprobs.tokens]
 
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(run, prompts))
     assert http(server, "POST", "/reset_prefix_cache")[0] == 200  # alone means alone: no KV from the batch
     alone = [run(p) for p in prompts]
-    assert together == alone and all(len(t) == 12 or t for t in alone)
+    assert together == alone and all(t for t in alone)
 
 
 def test_no_kv_blocks_leak_after_a_burst_with_random_disconnects(server, model_name):
@@ -231,7 +231,7 @@ def test_no_kv_blocks_leak_after_a_burst_with_random_disconnects(server, model_n
 
     def one(i):
         c = server.client(timeout=60)
-        stream = c.completions.create(model=model_name, prompt=f"Story {i}: " + "once " * rng.randint(1, 40), max_tokens=40, temperature=1.0, stream=True)
+        stream = c.completions.create(model=model_name, prompt=f"Story {i}: " + "once " * rng.randint(1, 40), max_tokens=24, temperature=1.0, stream=True)
         cut = rng.choice([None, 1, 3, 8])
         for k, _ in enumerate(stream):
             if cut is not None and k >= cut:
@@ -240,7 +240,7 @@ def test_no_kv_blocks_leak_after_a_burst_with_random_disconnects(server, model_n
 
     def impatient(i):
         try:  # a non-streaming client that gives up before the answer
-            server.client(timeout=0.3).completions.create(model=model_name, prompt=f"Essay {i}:", max_tokens=60, extra_body={"ignore_eos": True})
+            server.client(timeout=0.3).completions.create(model=model_name, prompt=f"Essay {i}:", max_tokens=40, extra_body={"ignore_eos": True})
         except openai.APITimeoutError:
             pass
 

@@ -192,7 +192,7 @@ def _render_chat(state: ServerState, messages: list[dict[str, Any]], add_generat
     try:
         return state.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools)
     except MlcError as e:
-        raise P.bad("messages", e.message if hasattr(e, "message") else str(e)) from None
+        raise P.bad("messages", e.message) from None
 
 
 @dataclass
@@ -216,9 +216,8 @@ class _Job:
         self.created = int(time.time())
         tok = state.tokenizer
         vocab = engine.vocab_size
-        for name in ("stop_token_ids",):
-            if name in req:
-                _check_ids(state, name, req[name])
+        if "stop_token_ids" in req:
+            _check_ids(state, "stop_token_ids", req["stop_token_ids"])
         if any(t >= vocab for t in req.get("logit_bias", {})):
             raise P.bad("logit_bias", f"token ids must be below the vocabulary size {vocab}")
         for p in prompts:
@@ -255,6 +254,7 @@ class _Job:
         ]
         self.slot = {r.request_id: i for i, r in enumerate(self.requests)}
         self.choices = [_Choice() for _ in range(len(prompts) * self.n)]
+        self.cached = 0  # prompt tokens found in the prefix cache
         self.tokenizer = tok
         self.queue: asyncio.Queue[SeqEvent] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
@@ -281,7 +281,7 @@ class _Job:
         c.logprobs += ev.logprobs
         if ev.finish_reason is not None:
             c.finish_reason, c.stop_reason = ev.finish_reason, ev.stop_reason
-            self.cached = getattr(self, "cached", 0) + (ev.cached_tokens if ev.index == 0 else 0)
+            self.cached += ev.cached_tokens if ev.index == 0 else 0
         return i
 
     def usage(self) -> dict[str, Any]:
@@ -291,7 +291,7 @@ class _Job:
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": getattr(self, "cached", 0)},
+            "prompt_tokens_details": {"cached_tokens": self.cached},
         }
 
     async def respond(self, request: Request) -> Response:

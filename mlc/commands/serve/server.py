@@ -62,7 +62,7 @@ def parse_memory(text: str, available: int) -> int:
     return int(value * UNITS[unit])
 
 
-def load_engine(cfg: ServeConfig, metrics: Any, path: Path) -> tuple[Any, Any, Any]:
+def load_engine(cfg: ServeConfig, metrics: Any, path: Path, budget: int) -> tuple[Any, Any, Any]:
     """(engine, tokenizer, grammar factory) for the model at path, with a KV pool sized by the config."""
     import torch
 
@@ -85,13 +85,14 @@ def load_engine(cfg: ServeConfig, metrics: Any, path: Path) -> tuple[Any, Any, A
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         dtype = torch.bfloat16
     per_block = PagedKVStore.bytes_per_block(mc.num_hidden_layers, cfg.block_size, mc.num_key_value_heads, mc.head_dim, dtype)
-    budget = parse_memory(cfg.kv_cache_memory, available_memory())
     num_blocks = budget // per_block
     capacity = num_blocks * cfg.block_size
     max_len = cfg.max_model_len or min(mc.max_position_embeddings, capacity)
     if max_len > mc.max_position_embeddings:
         raise InputError(f"--max-model-len {max_len} exceeds the model's {mc.max_position_embeddings} positions", "lower --max-model-len")
-    if capacity < max_len or num_blocks < 2:
+    if num_blocks < 2:
+        raise InputError(f"a KV cache of {budget / 2**20:.1f} MiB holds {num_blocks} block(s) of {cfg.block_size} tokens", "raise --kv-cache-memory")
+    if capacity < max_len:
         raise InputError(
             f"a KV cache of {budget / 2**20:.0f} MiB holds {capacity} tokens, fewer than --max-model-len {max_len}",
             "raise --kv-cache-memory or lower --max-model-len",
@@ -111,6 +112,7 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
     from mlc.models.load import resolve_model_path
     from mlc.runs import open_run
 
+    budget = parse_memory(cfg.kv_cache_memory, available_memory())  # a bad size fails before anything starts
     record = {k: v for k, v in asdict(cfg).items() if k != "api_key"} | {"api_key": "set" if cfg.api_key else None}
     with open_run("serve", record, handle_sigterm=False) as run:
         path = run.add_input(cfg.model, role="model")
@@ -121,9 +123,8 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
 
         def load() -> None:
             try:
-                engine, tokenizer, grammars = load_engine(cfg, metrics, path)
-            except Exception as e:  # report and stop the server: there is nothing to serve
-                console.warn(f"error: {getattr(e, 'message', e)}")
+                engine, tokenizer, grammars = load_engine(cfg, metrics, path, budget)
+            except Exception as e:  # stop the server (there is nothing to serve); serve() re-raises it
                 state.load_error = e
                 server.should_exit = True
                 return
