@@ -60,6 +60,11 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    replace_dir(staging, final)
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Move a finished staging directory to `final`, replacing what was there with two renames."""
     if final.exists():
         old = final.parent / f".{final.name}{TMP_MARK}old-{os.getpid()}"
         os.replace(final, old)

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 from mlc import __version__
 from mlc.errors import InputError, MlcError
-from mlc.io.atomic import TMP_MARK, atomic_write_json, staging_dir_for
+from mlc.io.atomic import atomic_write_json, replace_dir, staging_dir_for
 from mlc.runs import hashing
 
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -268,13 +268,7 @@ class Run:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        if final.exists():
-            old = final.parent / f".{final.name}{TMP_MARK}old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, final)
+        replace_dir(staging, final)
         self._write_manifest(name, kind, final, record_dir, meta or {})
 
     def add_existing_artifact(self, name: str, path: str | os.PathLike, kind: str = "model", meta: dict[str, Any] | None = None) -> None:
