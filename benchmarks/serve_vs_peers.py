@@ -57,7 +57,7 @@ def hf_decode_rate(path: Path, dtype: torch.dtype, batch: int, n: int, reps: int
     def timed(tokens: int) -> float:
         t = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
         return time.perf_counter() - t
 
     timed(4)
@@ -75,7 +75,7 @@ def hf_static_batches(path: Path, prompts: list[list[int]], batch: int, reps: in
         for i in range(0, len(prompts), batch):
             ids = torch.tensor(prompts[i : i + batch])
             with torch.inference_mode():
-                model.generate(ids, max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, do_sample=False)
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, do_sample=False)
         return len(prompts) * OUTPUT_LEN / (time.perf_counter() - t)
 
     return median_of(reps, once)
@@ -243,28 +243,31 @@ def main() -> None:
     prompts = [torch.randint(100, 40000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(32)]
     n, reps = args.decode_tokens, args.reps
     rows: dict[str, float] = {}
-    rows["transformers fp32 batch 1"] = hf_decode_rate(path, torch.float32, 1, n, reps)
-    rows["transformers bf16 batch 1"] = hf_decode_rate(path, torch.bfloat16, 1, n, reps)
-    rows["transformers bf16 batch 8"] = hf_decode_rate(path, torch.bfloat16, 8, n, reps)
-    rows["mlc bf16 batch 1"] = mlc_decode_rate(path, "bfloat16", n, reps)
-    rows["mlc int8 batch 1"] = mlc_decode_rate(quantized(path, "int8"), "bfloat16", n, reps)
-    rows["mlc int4 batch 1"] = mlc_decode_rate(quantized(path, "int4"), "bfloat16", n, reps)
+    print(f"## batch-1 decode, tokens/s (median of {reps}; batch 8 is aggregate)", flush=True)
+
+    def row(name: str, value: float) -> None:
+        rows[name] = value
+        print(f"{name:32s} {value:8.1f}", flush=True)
+
+    row("transformers fp32 batch 1", hf_decode_rate(path, torch.float32, 1, n, reps))
+    row("transformers bf16 batch 1", hf_decode_rate(path, torch.bfloat16, 1, n, reps))
+    row("transformers bf16 batch 8", hf_decode_rate(path, torch.bfloat16, 8, n, reps))
+    row("mlc bf16 batch 1", mlc_decode_rate(path, "bfloat16", n, reps))
+    row("mlc int8 batch 1", mlc_decode_rate(quantized(path, "int8"), "bfloat16", n, reps))
+    row("mlc int4 batch 1", mlc_decode_rate(quantized(path, "int4"), "bfloat16", n, reps))
     llama = None
     if not args.skip_llamacpp:
         llama = llama_cpp(gguf, n, reps, prompts[:8])
-        rows["llama.cpp Q4_1 batch 1"] = llama["decode"]
-    print("\n## batch-1 decode, tokens/s (median of %d)" % reps)
-    for name, value in rows.items():
-        print(f"{name:32s} {value:8.1f}")
+        row("llama.cpp Q4_1 batch 1", llama["decode"])
     print(f"mlc bf16 / transformers bf16 = {rows['mlc bf16 batch 1'] / rows['transformers bf16 batch 1']:.2f}x (target >= 1.5x)")
     if llama:
         print(f"mlc int4 / llama.cpp Q4_1    = {rows['mlc int4 batch 1'] / llama['decode']:.2f}x (target >= 0.75x)")
 
     print(f"\n## load: {PROMPT_LEN}-token prompts, {OUTPUT_LEN} output tokens, bf16")
     hf8 = hf_static_batches(path, prompts, 8, max(1, reps - 2))
-    print(f"transformers static batch 8, 32 requests: aggregate {hf8:.1f} tokens/s")
+    print(f"transformers static batch 8, 32 requests: aggregate {hf8:.1f} tokens/s", flush=True)
     if llama:
-        print(f"llama.cpp one at a time, 8 requests:      aggregate {llama['serial_aggregate']:.1f} tokens/s")
+        print(f"llama.cpp one at a time, 8 requests:      aggregate {llama['serial_aggregate']:.1f} tokens/s", flush=True)
     for conc in (8, 32):
         r = serve_load(path, prompts, conc, reps)
         line = f"mlc serve, {conc} concurrent: aggregate {r['aggregate']:.1f} tokens/s, TTFT p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s"
@@ -272,7 +275,7 @@ def main() -> None:
             line += f"; {r['aggregate'] / hf8:.2f}x transformers batch 8 (target >= 1.5x)"
             if llama:
                 line += f", {r['aggregate'] / llama['serial_aggregate']:.2f}x llama.cpp (target >= 3x)"
-        print(line)
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
