@@ -49,8 +49,8 @@ def init(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        # srun sets no rendezvous variables; a single-node srun can rendezvous on localhost.
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        # srun sets no rendezvous variables: meet on the job's first node (or here, for a single node).
+        os.environ.setdefault("MASTER_ADDR", _slurm_first_node() or "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
@@ -59,6 +59,19 @@ def init(device: str = "auto", timeout_s: float = 1800) -> DistInfo:
             kwargs["device_id"] = dev
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, **kwargs)
     return DistInfo(rank, world, local_rank, dev)
+
+
+def _slurm_first_node() -> str | None:
+    nodes = os.environ.get("SLURM_JOB_NODELIST")
+    if not nodes:
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.split()[0] if out.stdout.split() else None
 
 
 def shutdown() -> None:

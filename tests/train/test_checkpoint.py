@@ -49,3 +49,21 @@ def test_load_restores_weights_optimizer_state_and_rng_exactly(tmp_path):
     assert trainer["step"] == 3 and trainer["consumed_samples"] == 24 and trainer["rng_restored"]
     train_steps(other, other_opt, 2)
     assert all(torch.equal(a, b) for a, b in zip(other.parameters(), expected))
+
+
+def test_torchrun_command_for_one_and_several_machines():
+    from mlc.engine.launch import LaunchSpec, torchrun_argv
+
+    one = torchrun_argv(LaunchSpec(nproc_per_node=2), ["mlc", "train", "x.toml"])
+    assert one[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--standalone", "-m", "mlc", "train", "x.toml"]
+    many = torchrun_argv(LaunchSpec(4, 2, 1, "10.0.0.5", 29400), ["mlc", "train", "x.toml"])
+    assert "--node-rank=1" in many and "--master-addr=10.0.0.5" in many and "--master-port=29400" in many
+
+
+def test_ranks_come_from_torchrun_then_srun_then_a_lone_process():
+    from mlc.engine.dist import env_ranks
+
+    assert env_ranks({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
+    assert env_ranks({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == (5, 8, 1)
+    assert env_ranks({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == (0, 1, 0)
+    assert env_ranks({}) == (0, 1, 0)

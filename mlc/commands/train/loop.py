@@ -24,7 +24,7 @@ from mlc.commands.train.config import TrainConfig, check_world
 from mlc.commands.train.display import LiveDisplay, MetricsSink
 from mlc.commands.train.export import export_final
 from mlc.commands.train.loss import evaluate, summed_cross_entropy
-from mlc.commands.train.model import add_lora, blocks, causal_lm, create_model, flops_per_token, model_config
+from mlc.commands.train.model import add_lora, blocks, create_model, flops_per_token, model_config
 from mlc.commands.train.optim import build_optimizers, set_lr
 from mlc.commands.train.rundir import CHECKPOINTS, training_run
 from mlc.commands.train.schedule import lr_factor
@@ -64,6 +64,11 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
     seed_everything(tc.seed)
     init_dir = _init_dir(config, run)
     mcfg = model_config(config, init_dir)
+    if config.data.seq_len > mcfg.max_position_embeddings:
+        raise InputError(
+            f"data.seq_len: {config.data.seq_len} is longer than the model's max_position_embeddings ({mcfg.max_position_embeddings})",
+            "lower data.seq_len",
+        )
     data = _prepare_data(config, init_dir, mcfg.vocab_size, run, info)
 
     model = create_model(config, init_dir)
@@ -91,6 +96,7 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
         if not trainer["rng_restored"]:  # another world size: per-process RNG streams cannot carry over
             seed_everything(tc.seed * 1000 + info.rank + 7919 * start)
         if run is not None:
+            console.info(f"resuming run {run.id} from {latest.name} (saved on {trainer['world_size']} process(es), now {info.world_size})")
             run.log(f"resumed from {latest.name} (saved on {trainer['world_size']} processes, now {info.world_size})")
             run.log_metrics({"event": "resume", "step": start, "world_size": info.world_size})
 
@@ -110,32 +116,10 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
             lr = set_lr(optimizers, lr_factor(step, tc.steps, config.schedule))
-            micro, local_targets = [], 0
-            for m in range(accum):
-                positions = micro_batch_positions(step, m, info.rank, info.world_size, mb, B)
-                indices = [order[p] for p in positions]
-                if trace:
-                    with open(trace, "a") as f:
-                        f.write(json.dumps({"step": step, "rank": info.rank, "samples": indices}) + "\n")
-                batch = data.train.batch(indices)
-                local_targets += int(batch[2].sum())  # counted on the host: no device sync before the forward
-                micro.append(tuple(_to_device(t, info.device) for t in batch))
-            n_targets = mdist.all_reduce_sum(torch.tensor([float(local_targets)], device=info.device)).clamp(min=1.0)
-
-            loss_sum = torch.zeros((), device=info.device)
-            for m, (x, y, mask) in enumerate(micro):
-                parallel.sync_gradients(model, m == accum - 1)
-                with autocast():
-                    out = model(x, output_router_logits=mcfg.is_moe)
-                    ce = loss_fn(out.logits, y, mask)
-                    # Each rank's loss is scaled so that DDP/FSDP's gradient average gives sum(token losses) / N_global.
-                    loss = ce * info.world_size / n_targets
-                    if mcfg.is_moe and out.router_logits:
-                        loss = loss + _moe_terms(config, out.router_logits, mcfg.num_experts_per_tok) / accum
-                        counts = moe.expert_counts(out.router_logits, mcfg.num_experts_per_tok)
-                        expert_counts = counts if expert_counts is None else expert_counts + counts
-                loss.backward()
-                loss_sum += ce.detach()
+            micro, n_targets = _step_batches(data.train, order, step, accum, config, info, trace)
+            loss_sum, counts = _forward_backward(model, micro, n_targets, loss_fn, autocast, config, mcfg, info)
+            if counts is not None:
+                expert_counts = counts if expert_counts is None else expert_counts + counts
             grad_norm = parallel.clip_grad_norm(model, tc.grad_clip)
             for opt in optimizers:
                 opt.step()
@@ -188,9 +172,50 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
         "mfu": last.get("mfu"),
         "world_size": info.world_size,
         "artifact": str(artifact) if artifact else None,
+        "checkpoints": str(run_path / CHECKPOINTS) if manager.latest() else None,
     }
     run.set_summary(**summary)
     return {"run": run.id, "run_dir": str(run.path), **summary}
+
+
+def _step_batches(
+    samples: PackedSamples, order: SampleOrder, step: int, accum: int, config: TrainConfig, info: mdist.DistInfo, trace: str | None
+) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
+    """This process's micro-batches (inputs, targets, mask) for `step`, and the target-token count of the global batch."""
+    micro, local_targets = [], 0
+    for m in range(accum):
+        positions = micro_batch_positions(step, m, info.rank, info.world_size, config.train.micro_batch_size, config.train.batch_size)
+        indices = [order[p] for p in positions]
+        if trace:
+            with open(trace, "a") as f:
+                f.write(json.dumps({"step": step, "rank": info.rank, "samples": indices}) + "\n")
+        batch = samples.batch(indices)
+        local_targets += int(batch[2].sum())  # counted on the host: no device sync before the forward
+        micro.append(tuple(_to_device(t, info.device) for t in batch))
+    return micro, mdist.all_reduce_sum(torch.tensor([float(local_targets)], device=info.device)).clamp(min=1.0)
+
+
+def _forward_backward(
+    model: torch.nn.Module, micro: list, n_targets: torch.Tensor, loss_fn, autocast, config: TrainConfig, mcfg, info: mdist.DistInfo
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Accumulate the gradients of one optimizer step; returns the summed token loss and MoE routing counts."""
+    loss_sum = torch.zeros((), device=info.device)
+    counts = None
+    top_k = mcfg.num_experts_per_tok
+    for m, (x, y, mask) in enumerate(micro):
+        parallel.sync_gradients(model, m == len(micro) - 1)  # reduce gradients once, after the last micro-batch
+        with autocast():
+            out = model(x, output_router_logits=mcfg.is_moe)
+            ce = loss_fn(out.logits, y, mask)
+            # Scaled so that DDP/FSDP's average over processes gives sum(token losses) / targets in the global batch.
+            loss = ce * info.world_size / n_targets
+            if mcfg.is_moe and out.router_logits:
+                loss = loss + _moe_terms(config, out.router_logits, top_k) / len(micro)
+                c = moe.expert_counts(out.router_logits, top_k)
+                counts = c if counts is None else counts + c
+        loss.backward()
+        loss_sum += ce.detach()
+    return loss_sum, counts
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
