@@ -250,3 +250,96 @@ def extract_lora_command(
         console.print_json({"out": str(out.absolute()), "run": run.id, **report})
     else:
         console.info(f"extracted rank-{rank} LoRA for {len(errors)} tensors into {out} (max relative error {max(errors):.3g}, run {run.id})")
+
+
+@app.command("search")
+def search_command(
+    pool: list[str] = typer.Argument(..., help="Pool checkpoints (directories or mlc references), same architecture and tokenizer."),
+    objective: list[str] = typer.Option(
+        ..., "--objective", help="NAME=FILE, repeatable: a .txt (or .jsonl of {text}) is scored by perplexity; a .jsonl of "
+        "{context, choices, answer} by multiple-choice accuracy."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Where the best merge is written (HF directory)."),
+    optimizer: str = typer.Option("cmaes", "--optimizer", help="cmaes: CMA-ES on the macro-average loss; nsga2: multi-objective NSGA-II (both from optuna)."),
+    trials: int = typer.Option(40, "--trials", help="Budget: searched candidates (after the pool members and the uniform average)."),
+    time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Budget: stop searching after this many seconds."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the optimiser."),
+    context: int = typer.Option(256, "--context", help="Perplexity window (tokens)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    json_output: bool = json_option(),
+) -> None:
+    """Search linear merge weights (non-negative, summing to 1) over a pool against your objectives."""
+    import json
+
+    from mlc import console, options
+    from mlc.commands.merge import search as S
+    from mlc.errors import MlcError, ValidationError
+    from mlc.runs import open_run
+    from mlc.runs.refs import resolve
+
+    root = options.get().runs_dir
+    problems: list[str] = []
+    if optimizer not in ("cmaes", "nsga2"):
+        problems.append(f"--optimizer {optimizer!r} is not cmaes or nsga2")
+    if trials < 1:
+        problems.append("--trials must be at least 1")
+    if out.exists() and not overwrite:
+        problems.append(f"output {out} already exists (pass --overwrite to replace it)")
+    paths = []
+    for ref in pool:
+        try:
+            paths.append(resolve(ref, root).path)
+        except MlcError as e:
+            problems.append(e.message)
+    objectives: list[Any] = []
+    if len(paths) == len(pool):
+        try:
+            S.check_pool(paths, root)
+            from mlc.models.tokenizer import load_tokenizer
+
+            objectives = S.parse_objectives(objective, load_tokenizer(paths[0]), problems)
+        except ValidationError as e:
+            problems += e.problems
+        except MlcError as e:
+            problems.append(e.one_line())
+    if problems:
+        raise ValidationError(problems, what="merge search")
+    config = {"pool": [str(p) for p in paths], "objectives": objective, "optimizer": optimizer, "trials": trials, "time_budget": time_budget, "seed": seed, "context": context}
+    as_json = options.want_json(json_output)
+    with open_run("merge-search", config=config) as run:
+        for ref in pool:
+            run.add_input(ref, role="pool")
+        for o in objectives:
+            run.add_input(str(o.path), role=f"objective:{o.name}")
+        loaded = S.Pool(paths)
+
+        def on_trial(row: dict[str, Any]) -> None:
+            run.log_metrics({"trial": row["trial"], "kind": row["kind"], "macro": row["macro"], **{f"loss/{k}": v for k, v in row["losses"].items()}})
+            if not as_json:
+                console.info(f"trial {row['trial']:3d} {row['kind']:<18} macro loss {row['macro']:.4f}  " + "  ".join(f"{k} {v:.4g}" for k, v in row["values"].items()))
+
+        result = S.search(loaded, objectives, optimizer, trials, time_budget, seed, context, on_trial)
+        best = result.trials[result.best]
+        del loaded
+        from mlc.commands.merge.api import plan_merge, write_model
+
+        merge_config = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, best["weights"])]}
+        plan = plan_merge(merge_config, root)
+        import yaml
+
+        with run.artifact("model", kind="model", out=out, overwrite=overwrite, meta={"search": "linear", "weights": best["weights"]}) as staging:
+            write_model(plan, staging, config_text=yaml.safe_dump(merge_config, sort_keys=False))
+        with run.artifact("search", kind="search") as staging:
+            (staging / "trials.json").write_text(json.dumps(result.trials, indent=2) + "\n")
+            front = [result.trials[i] for i in result.front]
+            (staging / "pareto.json").write_text(json.dumps({"objectives": result.objectives, "front": front}, indent=2) + "\n")
+            S.plot(result, objectives, staging / "pareto.png")
+        summary = S.macro_summary(result)
+        run.set_summary(**summary)
+    if as_json:
+        console.print_json({"out": str(out.absolute()), "run": run.id, "search_dir": str(run.path / "artifacts" / "search"), **summary})
+    else:
+        console.info(
+            f"best macro loss {summary['best_macro_loss']:.4f} (uniform {summary['uniform_macro_loss']:.4f}, best single {summary['best_pool_macro_loss']:.4f}); "
+            f"weights {summary['best_weights']}; merge in {out}, trials and Pareto front in {run.path / 'artifacts' / 'search'}"
+        )
