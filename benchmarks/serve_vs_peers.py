@@ -8,7 +8,10 @@ file the real-model test fixture converts), and mlc's engine in bf16, int8 and i
 excluded for everyone. Load: 8 and 32 concurrent requests of 256 random prompt tokens and 128 output
 tokens; mlc through its HTTP server (streaming, TTFT = first streamed token), transformers as static
 batches of 8 (bf16), llama.cpp one request at a time (llama-cpp-python has no batching). Each figure is
-the median of --reps runs; the machine's cores are shared, so compare ratios within one run.
+the median of --reps runs; the machine's cores are shared, so compare ratios within one run. Next to
+wall-clock tokens/s, each row gives tokens per CPU-second (process CPU time, all threads; for mlc
+serve the server process's): on a machine whose cores other jobs also use, that is the steadier
+measure of how much work each implementation spends per token.
 
 llama-cpp-python is installed into a benchmark venv under the mlc cache (never a dependency of mlc).
 """
@@ -43,42 +46,49 @@ LLAMA_CPP_VERSION = "0.3.36"
 PROMPT_LEN, OUTPUT_LEN = 256, 128
 
 
-def median_of(reps: int, fn):
-    return statistics.median(fn() for _ in range(reps))
+def medians(reps: int, fn) -> tuple[float, float]:
+    """(median wall rate, median CPU rate) of fn() -> (wall rate, cpu rate)."""
+    runs = [fn() for _ in range(reps)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 # ---------------------------------------------------------------- transformers
-def hf_decode_rate(path: Path, dtype: torch.dtype, batch: int, n: int, reps: int) -> float:
+def hf_decode_rate(path: Path, dtype: torch.dtype, batch: int, n: int, reps: int) -> tuple[float, float]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     ids = torch.randint(100, 40000, (batch, 32), generator=torch.Generator().manual_seed(0))
 
-    def timed(tokens: int) -> float:
-        t = time.perf_counter()
+    def timed(tokens: int) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        return time.perf_counter() - t
+        return time.perf_counter() - t, time.process_time() - c
+
+    def once() -> tuple[float, float]:
+        (wn, cn), (w1, c1) = timed(n), timed(1)
+        return batch * (n - 1) / (wn - w1), batch * (n - 1) / (cn - c1)
 
     timed(4)
-    return median_of(reps, lambda: batch * (n - 1) / (timed(n) - timed(1)))
+    return medians(reps, once)
 
 
-def hf_static_batches(path: Path, prompts: list[list[int]], batch: int, reps: int) -> float:
+def hf_static_batches(path: Path, prompts: list[list[int]], batch: int, reps: int) -> tuple[float, float]:
     """Aggregate output tokens/s serving all prompts as static batches (prefill included)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 
-    def once() -> float:
-        t = time.perf_counter()
+    def once() -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
         for i in range(0, len(prompts), batch):
             ids = torch.tensor(prompts[i : i + batch])
             with torch.inference_mode():
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=OUTPUT_LEN, min_new_tokens=OUTPUT_LEN, do_sample=False)
-        return len(prompts) * OUTPUT_LEN / (time.perf_counter() - t)
+        tokens = len(prompts) * OUTPUT_LEN
+        return tokens / (time.perf_counter() - t), tokens / (time.process_time() - c)
 
-    return median_of(reps, once)
+    return medians(reps, once)
 
 
 # ---------------------------------------------------------------- llama.cpp
@@ -89,22 +99,28 @@ gguf, n, reps, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.l
 llm = Llama(model_path=gguf, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
 def run(prompt, tokens):
     llm.reset()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     llm.eval(prompt)
     for _ in range(tokens):
         tok = llm.sample(temp=0.0)
         llm.eval([tok])
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
+def med(xs):
+    return sorted(xs)[len(xs) // 2]
 run([1, 2, 3], 4)
 short = [1] + list(range(1000, 1031))
-rates = sorted((n - 1) / (run(short, n) - run(short, 1)) for _ in range(reps))
+decode = []
+for _ in range(reps):
+    (wn, cn), (w1, c1) = run(short, n), run(short, 1)
+    decode.append(((n - 1) / (wn - w1), (n - 1) / (cn - c1)))
 aggs = []
 for _ in range(reps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for p in prompts:
         run(p, 128)
-    aggs.append(len(prompts) * 128 / (time.perf_counter() - t))
-print(json.dumps({"decode": rates[len(rates) // 2], "serial_aggregate": sorted(aggs)[len(aggs) // 2]}))
+    aggs.append((len(prompts) * 128 / (time.perf_counter() - t), len(prompts) * 128 / (time.process_time() - c)))
+print(json.dumps({"decode": [med([d[0] for d in decode]), med([d[1] for d in decode])],
+                  "serial_aggregate": [med([a[0] for a in aggs]), med([a[1] for a in aggs])]}))
 """
 
 
@@ -118,7 +134,7 @@ def llama_cpp_python() -> Path:
     return py
 
 
-def llama_cpp(gguf: Path, n: int, reps: int, prompts: list[list[int]]) -> dict[str, float]:
+def llama_cpp(gguf: Path, n: int, reps: int, prompts: list[list[int]]) -> dict[str, list[float]]:
     py = llama_cpp_python()
     out = subprocess.run([str(py), "-c", LLAMA_SCRIPT, str(gguf), str(n), str(reps), json.dumps(prompts)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -142,7 +158,7 @@ def mlc_engine(path: Path, dtype: str | None):
     return Engine(model, load_tokenizer(path), EngineConfig(num_blocks=512, block_size=16, max_batched_tokens=512))
 
 
-def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int) -> float:
+def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int) -> tuple[float, float]:
     """Batch-1 decode tokens/s of the engine (no HTTP): time from the first to the last token."""
     from mlc.commands.serve.engine import GenerationRequest
     from mlc.kernels.sampling import SamplingParams
@@ -151,21 +167,21 @@ def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int) -> float:
     engine.start()
     prompt = list(range(1000, 1032))
 
-    def once(tokens: int) -> float:
-        times: list[float] = []
+    def once(tokens: int) -> tuple[float, float]:
+        times: list[tuple[float, float]] = []
         done = threading.Event()
 
         def sink(ev):
-            times.extend([time.perf_counter()] * len(ev.token_ids))
+            times.extend([(time.perf_counter(), time.process_time())] * len(ev.token_ids))
             if ev.finish_reason:
                 done.set()
 
         engine.submit(GenerationRequest(f"r{time.perf_counter()}", prompt, SamplingParams(temperature=0), max_tokens=tokens, ignore_eos=True), sink)
         done.wait()
-        return (len(times) - 1) / (times[-1] - times[0])
+        return (len(times) - 1) / (times[-1][0] - times[0][0]), (len(times) - 1) / (times[-1][1] - times[0][1])
 
     once(8)
-    rate = median_of(reps, lambda: once(n))
+    rate = medians(reps, lambda: once(n))
     engine.stop()
     return rate
 
@@ -206,10 +222,15 @@ def serve_load(path: Path, prompts: list[list[int]], concurrency: int, reps: int
             ttfts.append(first)
             counts.append(tokens)
 
+        def server_cpu() -> float:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
         def run() -> dict[str, float]:
             c = http.client.HTTPConnection("127.0.0.1", port)
             c.request("POST", "/reset_prefix_cache")
             c.getresponse().read()
+            cpu = server_cpu()
             ttfts: list[float] = []
             counts: list[int] = []
             threads = [threading.Thread(target=one, args=(p, ttfts, counts)) for p in prompts[:concurrency]]
@@ -220,7 +241,7 @@ def serve_load(path: Path, prompts: list[list[int]], concurrency: int, reps: int
                 th.join()
             wall = time.perf_counter() - t
             ttfts.sort()
-            return {"aggregate": concurrency * OUTPUT_LEN / wall, "ttft_p50": ttfts[len(ttfts) // 2], "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
+            return {"aggregate": concurrency * OUTPUT_LEN / wall, "per_cpu_s": concurrency * OUTPUT_LEN / (server_cpu() - cpu), "ttft_p50": ttfts[len(ttfts) // 2], "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
 
         run()  # warm-up
         results = [run() for _ in range(reps)]
@@ -242,12 +263,15 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(100, 40000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(32)]
     n, reps = args.decode_tokens, args.reps
-    rows: dict[str, float] = {}
-    print(f"## batch-1 decode, tokens/s (median of {reps}; batch 8 is aggregate)", flush=True)
+    rows: dict[str, tuple[float, float]] = {}
+    print(f"## batch-1 decode (median of {reps}; batch 8 is aggregate)   tokens/s   tokens/CPU-s", flush=True)
 
-    def row(name: str, value: float) -> None:
+    def row(name: str, value: tuple[float, float]) -> None:
         rows[name] = value
-        print(f"{name:32s} {value:8.1f}", flush=True)
+        print(f"{name:40s} {value[0]:8.1f} {value[1]:12.1f}", flush=True)
+
+    def ratio(a: str, b: str) -> str:
+        return f"{rows[a][0] / rows[b][0]:.2f}x wall, {rows[a][1] / rows[b][1]:.2f}x per CPU-second"
 
     row("transformers fp32 batch 1", hf_decode_rate(path, torch.float32, 1, n, reps))
     row("transformers bf16 batch 1", hf_decode_rate(path, torch.bfloat16, 1, n, reps))
@@ -258,25 +282,26 @@ def main() -> None:
     llama = None
     if not args.skip_llamacpp:
         llama = llama_cpp(gguf, n, reps, prompts[:8])
-        row("llama.cpp Q4_1 batch 1", llama["decode"])
-    print(f"mlc bf16 / transformers bf16 = {rows['mlc bf16 batch 1'] / rows['transformers bf16 batch 1']:.2f}x (target >= 1.5x)")
+        row("llama.cpp Q4_1 batch 1", tuple(llama["decode"]))
+    print(f"mlc bf16 / transformers bf16: {ratio('mlc bf16 batch 1', 'transformers bf16 batch 1')} (target >= 1.5x)")
     if llama:
-        print(f"mlc int4 / llama.cpp Q4_1    = {rows['mlc int4 batch 1'] / llama['decode']:.2f}x (target >= 0.75x)")
+        print(f"mlc int4 / llama.cpp Q4_1:    {ratio('mlc int4 batch 1', 'llama.cpp Q4_1 batch 1')} (target >= 0.75x)")
 
-    print(f"\n## load: {PROMPT_LEN}-token prompts, {OUTPUT_LEN} output tokens, bf16")
+    print(f"\n## load: {PROMPT_LEN}-token prompts, {OUTPUT_LEN} output tokens, bf16: aggregate output tokens/s and per CPU-second", flush=True)
     hf8 = hf_static_batches(path, prompts, 8, max(1, reps - 2))
-    print(f"transformers static batch 8, 32 requests: aggregate {hf8:.1f} tokens/s", flush=True)
+    print(f"transformers static batch 8, 32 requests: {hf8[0]:.1f} tokens/s, {hf8[1]:.1f} per CPU-s", flush=True)
     if llama:
-        print(f"llama.cpp one at a time, 8 requests:      aggregate {llama['serial_aggregate']:.1f} tokens/s", flush=True)
+        agg = llama["serial_aggregate"]
+        print(f"llama.cpp one request at a time (8):      {agg[0]:.1f} tokens/s, {agg[1]:.1f} per CPU-s", flush=True)
     for conc in (8, 32):
         r = serve_load(path, prompts, conc, reps)
-        line = f"mlc serve, {conc} concurrent: aggregate {r['aggregate']:.1f} tokens/s, TTFT p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s"
+        line = (f"mlc serve, {conc} concurrent: {r['aggregate']:.1f} tokens/s, {r['per_cpu_s']:.1f} per CPU-s, "
+                f"TTFT p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s")
         if conc == 32:
-            line += f"; {r['aggregate'] / hf8:.2f}x transformers batch 8 (target >= 1.5x)"
+            line += f"\n  vs transformers batch 8: {r['aggregate'] / hf8[0]:.2f}x wall, {r['per_cpu_s'] / hf8[1]:.2f}x per CPU-s (target >= 1.5x)"
             if llama:
-                line += f", {r['aggregate'] / llama['serial_aggregate']:.2f}x llama.cpp (target >= 3x)"
+                line += f"\n  vs llama.cpp: {r['aggregate'] / agg[0]:.2f}x wall, {r['per_cpu_s'] / agg[1]:.2f}x per CPU-s (target >= 3x)"
         print(line, flush=True)
-
 
 if __name__ == "__main__":
     main()
