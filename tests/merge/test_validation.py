@@ -126,3 +126,18 @@ def test_a_parameter_only_other_methods_use_is_a_warning_not_an_error(run_mlc, p
     cfg = write_yaml(pool / "warn.yml", {"merge_method": "linear", "models": [{"model": str(pool / "base"), "parameters": {"weight": 1}}, {"model": str(pool / "a"), "parameters": {"weight": 1, "density": 0.5}}]})
     code, _, err = run_mlc("merge", cfg, "--out", pool / "out")
     assert code == 0 and "'density' is not used by linear" in err
+
+
+def test_chat_template_by_name_auto_or_jinja_and_unknown_names_are_refused(run_mlc, pool):
+    from mlc.commands.merge.chat_templates import TEMPLATES
+
+    models = [{"model": str(pool / "base"), "parameters": {"weight": 1}}, {"model": str(pool / "a"), "parameters": {"weight": 1}}]
+    (pool / "a" / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    for choice, expected in (("chatml", TEMPLATES["chatml"]), ("auto", "{{ messages[0]['content'] }}"), ("{{ 'x' }}", "{{ 'x' }}")):
+        cfg = write_yaml(pool / "chat.yml", {"merge_method": "linear", "models": models, "chat_template": choice})
+        code, _, err = run_mlc("merge", cfg, "--out", pool / "out", "--overwrite")
+        assert code == 0, err
+        assert (pool / "out" / "chat_template.jinja").read_text() == expected
+    cfg = write_yaml(pool / "chat.yml", {"merge_method": "linear", "models": models, "chat_template": "vicuna-ish"})
+    code, _, err = run_mlc("merge", cfg, "--out", pool / "out2")
+    assert code == 1 and "chat_template 'vicuna-ish' is not auto" in err

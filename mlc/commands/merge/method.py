@@ -120,7 +120,6 @@ class MergeMethod:
     min_models: int = 0  # non-base inputs (with base="input": all inputs)
     max_models: int | None = None
     random: bool = False  # takes a seeded generator
-    elementwise_rows: bool = False  # output row r depends only on input rows r (vocabulary re-indexing may split rows)
     summary: str = ""
     check: Callable[[dict[str, Any]], str | None] | None = None  # a problem across bound parameters, or None
 
@@ -204,13 +203,12 @@ def merge_method(
     min_models: int = 0,
     max_models: int | None = None,
     random: bool = False,
-    elementwise_rows: bool = False,
     check: Callable[[dict[str, Any]], str | None] | None = None,
 ) -> Callable[[Callable[..., "torch.Tensor"]], MergeMethod]:
     """Declare a merge method: decorate fn(models, base, params, rng) -> Tensor."""
 
     def wrap(fn: Callable[..., "torch.Tensor"]) -> MergeMethod:
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, random, elementwise_rows, summary, check)
+        return MergeMethod(name, fn, tuple(params), base, min_models, max_models, random, summary, check)
 
     return wrap

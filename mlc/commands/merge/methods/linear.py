@@ -17,7 +17,6 @@ from mlc.commands.merge.method import Param, merge_method
     ),
     base="input",
     min_models=1,
-    elementwise_rows=True,
 )
 def linear(models: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any], rng: Any = None) -> torch.Tensor:
     """Weighted average sum(w_i * x_i) / sum(w_i), accumulated in float32 (float64 for float64 inputs)."""

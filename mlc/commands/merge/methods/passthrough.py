@@ -15,7 +15,6 @@ from mlc.commands.merge.method import Param, merge_method
     base="input",
     min_models=1,
     max_models=1,
-    elementwise_rows=True,
 )
 def passthrough(models: list[torch.Tensor], base: torch.Tensor | None, params: dict[str, Any], rng: Any = None) -> torch.Tensor:
     """The single input, times `scale` when one is given."""
