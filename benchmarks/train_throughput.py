@@ -1,18 +1,22 @@
 """mlc's training step vs a plain transformers + torch loop: same model config, same batches, tokens/s and MFU.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 12] [--reps 3] [--seq-len 256] [--batch 8]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 10] [--reps 3] [--seq-len 256] [--batch 8] [--threads N]
 
-mlc runs its real trainer (`mlc.commands.train.loop.train`: data pipeline, native model, bf16 autocast, its
-optimizer) with and without `train.compile`; the peer is LlamaForCausalLM from transformers with the same config and
-weights' shapes, bf16 autocast and torch.optim.AdamW, fed the same packed corpus batches. Each is measured as the
-median step time over `steps` steps (the first two are warm-up), repeated `reps` times alternating the contenders,
-and the median repetition is reported. MFU divides the achieved model FLOP/s (torchtitan's count) by this CPU's
-measured peak: the best of a few large bf16 matmuls.
+Both contenders train the same Llama config (bf16 autocast, AdamW, grad clipping at 1.0) on the same packed corpus
+batches, one optimizer step per batch:
+- mlc: the trainer's own step (mlc.commands.train.loop: _step_batches, _forward_backward, clipping, optimizer) on the
+  native model built by mlc.commands.train.model.create_model, eager and with `train.compile` (compiled blocks and loss);
+- peer: transformers' LlamaForCausalLM, its loss computed from its logits, torch.optim.AdamW.
+Each contender runs `steps` steps (the first two are warm-up, compilation included), `reps` times, alternating.
+Reported per contender: the median over repetitions of the median step, as wall-clock tokens/s and as tokens per
+CPU-second of this process (steadier on a shared machine). MFU divides torchtitan's model FLOP/s by this CPU's
+measured peak (the best of a few 2048^3 bf16 matmuls, on the same threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -25,11 +29,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlc import options  # noqa: E402
+from mlc.commands.train import loop  # noqa: E402
 from mlc.commands.train.batches import PackedSamples, SampleOrder, micro_batch_positions  # noqa: E402
 from mlc.commands.train.config import load_config  # noqa: E402
-from mlc.commands.train.model import flops_per_token  # noqa: E402
+from mlc.commands.train.loss import summed_cross_entropy  # noqa: E402
+from mlc.commands.train.model import blocks, create_model, flops_per_token  # noqa: E402
+from mlc.commands.train.optim import build_optimizers  # noqa: E402
 from mlc.commands.train.tokens import tokenize_file, tokenizer_hash  # noqa: E402
+from mlc.engine import dist as mdist, parallel  # noqa: E402
 from mlc.models import config_from_hf  # noqa: E402
 from mlc.models.tokenizer import load_tokenizer  # noqa: E402
 
@@ -46,7 +53,7 @@ def cpu_peak_flops() -> float:
     a = torch.randn(2048, 2048, dtype=torch.bfloat16)
     b = torch.randn(2048, 2048, dtype=torch.bfloat16)
     best = 0.0
-    for _ in range(6):
+    for _ in range(8):
         t = time.perf_counter()
         for _ in range(4):
             a @ b
@@ -54,54 +61,78 @@ def cpu_peak_flops() -> float:
     return best
 
 
-def mlc_rate(workdir: Path, steps: int, seq_len: int, batch: int, compile_: bool) -> float:
-    """Median tokens/s of mlc's own trainer over the steps after the first two."""
-    from mlc.commands.train.loop import train
+def corpus(seq_len: int) -> tuple[PackedSamples, SampleOrder]:
+    tok = DATA / "tiny"
+    data = tokenize_file(DATA / "corpus" / "train.txt", "pretrain", load_tokenizer(tok), tokenizer_hash(tok), MODEL["vocab_size"])
+    samples = PackedSamples(data, seq_len)
+    return samples, SampleOrder(len(samples), 0)
 
-    config_text = f"""
+
+def timed(step_fn, steps: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds) of step_fn(step) over the steps after the first two."""
+    wall, cpu = [], []
+    for step in range(steps):
+        w, c = time.perf_counter(), time.process_time()
+        step_fn(step)
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall[2:]), statistics.median(cpu[2:])
+
+
+def mlc_step_times(workdir: Path, steps: int, seq_len: int, batch: int, compile_: bool) -> tuple[float, float]:
+    path = workdir / "bench.toml"
+    path.write_text(f"""
 [model]
 config = "{workdir / 'model'}"
 tokenizer = "{DATA / 'tiny'}"
 [data]
 train = "{DATA / 'corpus' / 'train.txt'}"
-val_fraction = 0.0
 seq_len = {seq_len}
 [train]
-steps = {steps}
 batch_size = {batch}
 micro_batch_size = {batch}
 precision = "bf16"
 compile = {str(compile_).lower()}
-[checkpoint]
-resume = "none"
-[log]
-tensorboard = false
-"""
-    path = workdir / "bench.toml"
-    path.write_text(config_text)
-    config, text = load_config(path)
-    options.get().runs_dir = workdir / "runs"
-    run_dir = Path(train(config, text)["run_dir"])
-    rates = [json.loads(l)["tokens_per_s"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
-    return statistics.median(rates[2:])
+[optim]
+lr = 3e-4
+""")
+    config, _ = load_config(path)
+    info = mdist.DistInfo(0, 1, 0, torch.device("cpu"))
+    model = create_model(config, None)
+    loss_fn = summed_cross_entropy
+    if compile_:
+        for block in blocks(model):
+            block.compile()
+        loss_fn = torch.compile(summed_cross_entropy)
+    optimizers = build_optimizers(model, config.optim)
+    mcfg = model.config
+    samples, order = corpus(seq_len)
+    autocast = loop._autocast("bf16", info.device)
+
+    def step(i: int) -> None:
+        micro, n_targets = loop._step_batches(samples, order, i, 1, config, info, None)
+        loss_sum, _ = loop._forward_backward(model, micro, n_targets, loss_fn, autocast, config, mcfg, info)
+        norm = parallel.clip_grad_norm(model, 1.0)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        torch.cat([loss_sum.reshape(1) / n_targets, norm.reshape(1)]).tolist()
+
+    return timed(step, steps)
 
 
-def hf_rate(steps: int, seq_len: int, batch: int) -> float:
-    """Median tokens/s of a plain loop: transformers' Llama, bf16 autocast, AdamW, the same corpus batches."""
+def hf_step_times(steps: int, seq_len: int, batch: int) -> tuple[float, float]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = {k: v for k, v in MODEL.items() if k not in ("architectures", "model_type")}
     model = LlamaForCausalLM(LlamaConfig(**cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    tok = DATA / "tiny"
-    data = tokenize_file(DATA / "corpus" / "train.txt", "pretrain", load_tokenizer(tok), tokenizer_hash(tok), MODEL["vocab_size"])
-    samples = PackedSamples(data, seq_len)
-    order = SampleOrder(len(samples), 0)
-    times = []
-    for step in range(steps):
-        t = time.perf_counter()
-        x, y, _ = samples.batch([order[p] for p in micro_batch_positions(step, 0, 0, 1, batch, batch)])
+    samples, order = corpus(seq_len)
+
+    def step(i: int) -> None:
+        x, y, _ = samples.batch([order[p] for p in micro_batch_positions(i, 0, 0, 1, batch, batch)])
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(input_ids=x).logits
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -110,36 +141,47 @@ def hf_rate(steps: int, seq_len: int, batch: int) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss.item()
-        times.append(time.perf_counter() - t)
-    return batch * seq_len / statistics.median(times[2:])
+
+    return timed(step, steps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    contenders = {
+        "transformers + torch loop": lambda: hf_step_times(args.steps, args.seq_len, args.batch),
+        "mlc step (eager)": lambda: mlc_step_times(workdir, args.steps, args.seq_len, args.batch, False),
+        "mlc step (compile)": lambda: mlc_step_times(workdir, args.steps, args.seq_len, args.batch, True),
+    }
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in contenders}
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
         workdir = Path(tmp)
         (workdir / "model").mkdir()
         (workdir / "model" / "config.json").write_text(json.dumps(MODEL))
-        fpt = flops_per_token(config_from_hf(dict(MODEL)), args.seq_len)
         peak = cpu_peak_flops()
-        results: dict[str, list[float]] = {"transformers + torch loop": [], "mlc train": [], "mlc train (compile)": []}
         for _ in range(args.reps):
-            results["transformers + torch loop"].append(hf_rate(args.steps, args.seq_len, args.batch))
-            results["mlc train"].append(mlc_rate(workdir, args.steps, args.seq_len, args.batch, False))
-            results["mlc train (compile)"].append(mlc_rate(workdir, args.steps, args.seq_len, args.batch, True))
-    base = statistics.median(results["transformers + torch loop"])
-    print(f"model: Llama {MODEL['num_hidden_layers']}x{MODEL['hidden_size']}, vocab {MODEL['vocab_size']}, seq {args.seq_len}, batch {args.batch}, bf16 autocast, {torch.get_num_threads()} threads")
+            for name, run in contenders.items():
+                results[name].append(run())
+    fpt = flops_per_token(config_from_hf(dict(MODEL)), args.seq_len)
+    tokens = args.batch * args.seq_len
+    base_wall = tokens / statistics.median(w for w, _ in results["transformers + torch loop"])
+    base_cpu = tokens / statistics.median(c for _, c in results["transformers + torch loop"])
+    print(f"model: Llama {MODEL['num_hidden_layers']}x{MODEL['hidden_size']} (vocab {MODEL['vocab_size']}), seq {args.seq_len} x batch {args.batch}, "
+          f"bf16 autocast, {torch.get_num_threads()} threads; {args.steps} steps x {args.reps} reps")
     print(f"FLOPs/token {fpt / 1e6:.1f} M; CPU peak (best bf16 2048^3 matmul) {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'contender':28s} {'tokens/s':>10s} {'MFU':>7s} {'vs peer':>8s}   (reps: tokens/s)")
-    for name, rates in results.items():
-        rate = statistics.median(rates)
-        print(f"{name:28s} {rate:10.0f} {100 * fpt * rate / peak:6.1f}% {rate / base:7.2f}x   {', '.join(f'{r:.0f}' for r in rates)}")
+    print(f"{'contender':28s} {'tokens/s':>9s} {'MFU':>6s} {'vs peer':>8s} {'tok/CPU-s':>10s} {'vs peer':>8s}")
+    for name, times in results.items():
+        wall = tokens / statistics.median(w for w, _ in times)
+        cpu = tokens / statistics.median(c for _, c in times)
+        print(f"{name:28s} {wall:9.0f} {100 * fpt * wall / peak:5.1f}% {wall / base_wall:7.2f}x {cpu:10.0f} {cpu / base_cpu:7.2f}x")
 
 
 if __name__ == "__main__":

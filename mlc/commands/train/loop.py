@@ -93,6 +93,11 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
     if latest is not None:
         trainer = manager.load(latest, state)
         start = trainer["step"]
+        if trainer["consumed_samples"] != start * config.train.batch_size:
+            raise InputError(
+                f"train.batch_size: the checkpoint in {latest} was trained with {trainer['consumed_samples'] // max(start, 1)} sequences per step",
+                "resume with the batch size it was trained with (the data position counts global batches)",
+            )
         if not trainer["rng_restored"]:  # another world size: per-process RNG streams cannot carry over
             seed_everything(tc.seed * 1000 + info.rank + 7919 * start)
         if run is not None:
