@@ -30,16 +30,16 @@ def synthetic_model(path: Path, n_tensors: int, numel: int, base: torch.Tensor, 
 @pytest.mark.slow
 def test_peak_rss_stays_under_inputs_plus_3_largest_tensors_plus_300mb(tmp_path):
     numel = 4 * MB  # 16 MB float32 tensors
-    n_tensors = 26  # 416 MB per model: each model alone is larger than the 396 MB bound
+    n_tensors = 26  # 416 MB per model: each model alone is larger than the 380 MB bound
     g = torch.Generator().manual_seed(0)
     base, noise = torch.randn(numel, generator=g), torch.randn(numel, generator=g)
-    for i, name in enumerate(["base", "a", "b"]):
-        synthetic_model(tmp_path / name, n_tensors, numel, base, noise, 0.01 * i)
+    for i, name in enumerate(["base", "a"]):
+        synthetic_model(tmp_path / name, n_tensors, numel, base, noise, 0.01 * (i + 1))
     del base, noise
     config = {
         "merge_method": "ties",
         "base_model": str(tmp_path / "base"),
-        "models": [{"model": str(tmp_path / n), "parameters": {"weight": 0.5, "density": 0.5}} for n in ("a", "b")],
+        "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 0.5, "density": 0.5}}],
     }
     (tmp_path / "ties.yml").write_text(yaml.safe_dump(config))
     child = textwrap.dedent(
@@ -61,7 +61,7 @@ def test_peak_rss_stays_under_inputs_plus_3_largest_tensors_plus_300mb(tmp_path)
     assert rusage_kb >= hwm_kb
     largest = numel * 4
     model_bytes = n_tensors * largest
-    bound = (3 + 3) * largest + 300 * MB
+    bound = (2 + 3) * largest + 300 * MB  # 2 inputs: the base and one model
     assert model_bytes > bound  # the proof would be empty otherwise
     assert peak < bound, f"peak RSS {peak / MB:.0f} MB over the bound {bound / MB:.0f} MB"
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
