@@ -130,7 +130,11 @@ def llama_cpp_python() -> Path:
     if not py.exists() or subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode:
         print("installing llama-cpp-python into the benchmark venv (a one-time source build) ...", file=sys.stderr)
         subprocess.run([sys.base_prefix + "/bin/python3", "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", f"llama-cpp-python=={LLAMA_CPP_VERSION}"], check=True)
+        # Not -march=native: ggml's AMX matmul crashes (SIGSEGV in ggml_backend_amx_mul_mat) in this VM, whose CPU
+        # reports AMX. The same AVX-512 kernels (VNNI, BF16) without AMX.
+        flags = "NATIVE=OFF AVX=ON AVX2=ON FMA=ON F16C=ON BMI2=ON AVX_VNNI=ON AVX512=ON AVX512_VBMI=ON AVX512_VNNI=ON AVX512_BF16=ON"
+        env = {**os.environ, "CMAKE_ARGS": " ".join(f"-DGGML_{f}" for f in flags.split())}
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-cache-dir", f"llama-cpp-python=={LLAMA_CPP_VERSION}"], check=True, env=env)
     return py
 
 
