@@ -104,16 +104,21 @@ def write_yaml(name: str, models: Path) -> Path:
     return path
 
 
-LAUNCH = "import resource, subprocess, sys, time; t = time.perf_counter(); r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); w = time.perf_counter() - t; print(r.returncode, w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.stderr.write(r.stderr[-2000:] if r.returncode else '')"
+LAUNCH = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True); w = time.perf_counter() - t; "
+    "u = resource.getrusage(resource.RUSAGE_CHILDREN); print(r.returncode, w, u.ru_maxrss, u.ru_utime + u.ru_stime); "
+    "sys.stderr.write(r.stderr[-2000:] if r.returncode else '')"
+)
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS bytes of one command, launched from a small process (no torch imported)."""
+def timed(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS bytes and CPU seconds of one command, launched from a small process (no torch imported)."""
     done = subprocess.run(["python3", "-c", LAUNCH, *cmd], capture_output=True, text=True)
-    code, wall, rss = done.stdout.split()
+    code, wall, rss, cpu = done.stdout.split()
     if int(code) != 0:
         raise RuntimeError(f"{cmd[0]} failed: {done.stderr}")
-    return float(wall), int(rss) * 1024
+    return float(wall), int(rss) * 1024, float(cpu)
 
 
 def commands(name: str, cfg: Path, mk: Path) -> dict[str, tuple[list[str], Path]]:
@@ -175,23 +180,34 @@ def main() -> None:
         cfg = write_yaml(name, models)
         cmds = commands(name, cfg, mk)
         runs = args.runs if name in TIMED else 1
-        samples: dict[str, list[tuple[float, int]]] = {"mlc": [], "mergekit": []}
+        samples: dict[str, list[tuple[float, int, float]]] = {"mlc": [], "mergekit": []}
         for _ in range(runs):
             for tool in ("mergekit", "mlc"):
                 shutil.rmtree(cmds[tool][1], ignore_errors=True)
                 samples[tool].append(timed(cmds[tool][0]))
-        row = {tool: {"wall_s": statistics.median(w for w, _ in s), "peak_rss_mb": statistics.median(r for _, r in s) / 2**20, "walls": [round(w, 2) for w, _ in s]} for tool, s in samples.items()}
+        row = {
+            tool: {
+                "wall_s": statistics.median(w for w, _, _ in s),
+                "peak_rss_mb": statistics.median(r for _, r, _ in s) / 2**20,
+                "cpu_s": statistics.median(c for _, _, c in s),
+                "walls": [round(w, 2) for w, _, _ in s],
+            }
+            for tool, s in samples.items()
+        }
         row["time_ratio"] = row["mlc"]["wall_s"] / row["mergekit"]["wall_s"]
         row["rss_ratio"] = row["mlc"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"]
+        row["cpu_ratio"] = row["mlc"]["cpu_s"] / row["mergekit"]["cpu_s"]
         row["diff"] = compare(cmds["mlc"][1], cmds["mergekit"][1])
         results[name] = row
         d = row["diff"]
         print(
             f"{name:22s} mlc {row['mlc']['wall_s']:6.2f}s {row['mlc']['peak_rss_mb']:6.0f}MB | mergekit {row['mergekit']['wall_s']:6.2f}s "
-            f"{row['mergekit']['peak_rss_mb']:6.0f}MB | time x{row['time_ratio']:.3f} rss x{row['rss_ratio']:.3f} | "
+            f"{row['mergekit']['peak_rss_mb']:6.0f}MB | time x{row['time_ratio']:.3f} rss x{row['rss_ratio']:.3f} cpu x{row['cpu_ratio']:.3f} | "
             f"max|diff| {d['max_abs_diff']:.3g}, {d['elements_beyond_1ulp']} of {d['elements']} elements beyond 1 ulp ({','.join(d['dtypes'])})",
             flush=True,
         )
+        if args.json:  # after every config, so an interrupted run keeps what it measured
+            args.json.write_text(json.dumps(results, indent=2, default=str))
     results["conditions"] = {"load_average_at_start": load, "load_average_at_end": os.getloadavg(), "cpus": os.cpu_count(), "runs": args.runs, "time": time.strftime("%Y-%m-%d %H:%M")}
     print(json.dumps(results["conditions"]))
     if args.json:
