@@ -92,3 +92,18 @@ def test_dtype_move_keeps_the_weight_and_the_kernel_path():
     module = ql.quant_linear(_weights()["int4-sym"]).to(torch.float32)
     assert module.path == "int4pack"
     assert torch.equal(module.dequantize(), _weights()["int4-sym"].dequantize())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU path is optional)")
+@pytest.mark.parametrize("kind", list(EXPECTED_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_path_matches_dequantise_then_matmul(kind, dtype):
+    w = _weights()[kind]
+    module = ql.quant_linear(w).to("cuda")  # re-laid for the device: no CPU tiles on the GPU
+    assert module.path == "dequant"
+    x = torch.randn(33, K, generator=torch.Generator().manual_seed(0))
+    ref = _reference(w, x)
+    got = module(x.to("cuda", dtype)).float().cpu()
+    assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
+    assert torch.equal(module.to("cpu").dequantize(), w.dequantize())

@@ -19,6 +19,22 @@ DAMPING = 0.01  # of the mean Hessian diagonal, added to the diagonal (the paper
 BLOCK = 128
 
 
+def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)^-1, with 10x more damping each time H is too ill-conditioned."""
+    mean_diag = torch.diagonal(h).mean()
+    damping = DAMPING
+    for _ in range(4):
+        damped = h.clone()
+        damped.diagonal().add_(damping * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse_lower, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                return inverse_lower
+        damping *= 10
+    raise ValueError("the layer's input Hessian is not positive definite even with 10x damping: calibrate on more text")
+
+
 def quantize_gptq(
     w: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, act_order: bool = False
 ) -> IntWeight:
@@ -41,8 +57,7 @@ def quantize_gptq(
 
     perm = torch.argsort(torch.diagonal(h), descending=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
-    h.diagonal().add_(DAMPING * torch.diagonal(h).mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_cholesky(h)
 
     q_out = torch.empty(n, k, dtype=torch.int8)
     block = max(BLOCK, g) if group_size else BLOCK

@@ -35,7 +35,10 @@ class HessianStat:
     def add(self, x: torch.Tensor, cache: dict[Any, torch.Tensor]) -> None:
         key = ("xtx", x.data_ptr(), tuple(x.shape))
         if key not in cache:  # q/k/v (and gate/up) share one input: one product serves them all
-            cache[key] = (x.T @ x).float()
+            # In fp32: a bf16 product rounds every entry by 2^-9 of the largest ones, which breaks the
+            # positive definiteness GPTQ's Cholesky needs when a few features are huge (SmolLM2 has them).
+            x32 = x.float()
+            cache[key] = x32.T @ x32
         self.sum += cache[key]
         self.tokens += x.shape[0]
 
@@ -83,7 +86,8 @@ def _forward_chunks(run: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
 
 def _calibrate_stage(
     stage: nn.Module, names: dict[str, str], jobs: dict[str, LayerJob], run: Callable[[torch.Tensor], torch.Tensor],
-    hidden: torch.Tensor, rows: int, tensors: Any, results: dict[str, QuantWeight], outputs: bool = True,
+    hidden: torch.Tensor, rows: int, tensors: Any, results: dict[str, Any], keep: Callable[[str, torch.Tensor, QuantWeight], Any],
+    outputs: bool = True,
 ) -> torch.Tensor | None:
     """Gather statistics, quantise the stage's Linears, swap them in, and return the stage's new outputs.
 
@@ -110,20 +114,23 @@ def _calibrate_stage(
         linear = stage.get_submodule(local)
         weight = tensors.read(f"{full}.weight", torch.float32)
         stat = stats[full].value() if full in stats else None
-        results[full] = jobs[full].quantize(weight, stat)
+        q = jobs[full].quantize(weight, stat)
         bias = linear.bias.detach() if linear.bias is not None else None
-        set_module(stage, local, quant_linear(results[full], bias))
+        set_module(stage, local, quant_linear(q, bias))
+        results[full] = keep(full, weight, q)
     return _forward_chunks(run, hidden, rows) if outputs else None
 
 
 @torch.no_grad()
 def quantize_layerwise(
     tensors: ModelTensors, model: nn.Module, tokens: torch.Tensor, jobs: dict[str, LayerJob],
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, QuantWeight]:
+    keep: Callable[[str, torch.Tensor, QuantWeight], Any], progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Quantise the Linears named in jobs, block by block over the calibration tokens [samples, seq_len].
 
     model is the architecture on the meta device: its blocks are filled from `tensors` one at a time.
+    keep(name, fp32 weight, quantised weight) makes what is kept of each layer (its stored form), so
+    nothing larger outlives its block.
     """
     from mlc.models.rope import RotaryTable
 
@@ -135,7 +142,7 @@ def quantize_layerwise(
     del embed
     positions = torch.arange(seq_len).unsqueeze(0)
     cos, sin = RotaryTable(config).cos_sin(positions, COMPUTE_DTYPE)
-    results: dict[str, QuantWeight] = {}
+    results: dict[str, Any] = {}
     layers = model.model.layers
     total = len(layers) + 1
     for i, layer in enumerate(layers):
@@ -144,7 +151,7 @@ def quantize_layerwise(
         if names:
             layer.to_empty(device="cpu")
             _materialize(layer, prefix, tensors, COMPUTE_DTYPE)
-            hidden = _calibrate_stage(layer, names, jobs, lambda h: layer(h, cos, sin)[0], hidden, rows, tensors, results)
+            hidden = _calibrate_stage(layer, names, jobs, lambda h: layer(h, cos, sin)[0], hidden, rows, tensors, results, keep)
         else:  # nothing to quantise here, but its outputs still feed the blocks that follow
             layer.to_empty(device="cpu")
             _materialize(layer, prefix, tensors, COMPUTE_DTYPE)
@@ -162,7 +169,7 @@ def quantize_layerwise(
             "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight", COMPUTE_DTYPE
         )
         _calibrate_stage(head_stage, {"lm_head": "lm_head"}, jobs, lambda h: head_stage.lm_head(head_stage.norm(h)),
-                         hidden, 1, _HeadTensors(tensors), results, outputs=False)
+                         hidden, 1, _HeadTensors(tensors), results, keep, outputs=False)
     if progress:
         progress(total, total)
     return results

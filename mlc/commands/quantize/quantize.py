@@ -49,6 +49,15 @@ class LayerReport:
 
 
 @dataclass
+class StoredLayer:
+    """What is kept of a quantised layer until the output is written: its tensors as stored, and its report line."""
+
+    spec: LayerSpec
+    tensors: dict[str, torch.Tensor]
+    report: LayerReport
+
+
+@dataclass
 class QuantizeResult:
     layers: list[LayerReport]
     specs: dict[str, LayerSpec]
@@ -119,8 +128,15 @@ def _setting(spec: LayerSpec) -> str:
     return spec.kind
 
 
+def stored_layer(name: str, weight: torch.Tensor, q: QuantWeight) -> StoredLayer:
+    """Pack a quantised layer into its stored tensors at once: the fp32 weight and the unpacked integers go."""
+    spec = spec_of(q)
+    report = LayerReport(name, tuple(q.shape), _setting(spec), q.storage_bits() / math.prod(q.shape), _relative_error(weight, q))
+    return StoredLayer(spec, layer_tensors(name, q), report)
+
+
 def quantize_weights(req: QuantizeRequest, tensors: ModelTensors, model: nn.Module, targets: dict[str, tuple[int, int]],
-                     other_bytes: int, progress: Progress | None) -> tuple[dict[str, QuantWeight], dict[str, Any] | None]:
+                     other_bytes: int, progress: Progress | None) -> tuple[dict[str, StoredLayer], dict[str, Any] | None]:
     """Quantise every target layer: stream for round-to-nearest, block by block when calibration is needed."""
     from mlc.commands.quantize.layerwise import LayerJob, quantize_layerwise
 
@@ -139,12 +155,13 @@ def quantize_weights(req: QuantizeRequest, tensors: ModelTensors, model: nn.Modu
     if scheme.statistic is None:
         results = {}
         for i, name in enumerate(jobs):
-            results[name] = jobs[name].quantize(_read_weight(tensors, name), None)
+            weight = _read_weight(tensors, name)
+            results[name] = stored_layer(name, weight, jobs[name].quantize(weight, None))
             if progress:
                 progress("quantising", i + 1, len(jobs))
         return results, plan_info
     tick = (lambda d, t: progress("calibrating blocks", d, t)) if progress else None
-    return quantize_layerwise(tensors, model, req.calib_tokens, jobs, tick), plan_info
+    return quantize_layerwise(tensors, model, req.calib_tokens, jobs, stored_layer, tick), plan_info
 
 
 def _read_weight(tensors: Any, name: str) -> torch.Tensor:
@@ -170,22 +187,17 @@ def quantize_model(req: QuantizeRequest, out_dir: Path, progress: Progress | Non
         other_bytes = sum(math.prod(tensors.info(n).shape) * tensors.info(n).dtype.itemsize
                           for n in tensors.names() if n not in quantized_names)
         results, plan_info = quantize_weights(req, tensors, model, targets, other_bytes, progress)
-        layers = [
-            LayerReport(n, targets[n], _setting(spec_of(q)), q.storage_bits() / math.prod(targets[n]),
-                        _relative_error(_read_weight(tensors, n), q))
-            for n, q in results.items()
-        ]
         seconds = time.perf_counter() - start
-        specs = {n: spec_of(q) for n, q in results.items()}
+        specs = {n: r.spec for n, r in results.items()}
         _write(req, tensors, results, specs, out_dir)
-    return QuantizeResult(layers, specs, seconds, plan_info)
+    return QuantizeResult([r.report for r in results.values()], specs, seconds, plan_info)
 
 
-def _write(req: QuantizeRequest, tensors: ModelTensors, results: dict[str, QuantWeight], specs: dict[str, LayerSpec], out_dir: Path) -> None:
+def _write(req: QuantizeRequest, tensors: ModelTensors, results: dict[str, StoredLayer], specs: dict[str, LayerSpec], out_dir: Path) -> None:
     config = read_config(req.model_dir)
     quantized = {}
-    for name, q in results.items():
-        quantized.update(layer_tensors(name, q))
+    for r in results.values():
+        quantized.update(r.tensors)
     skip = {f"{n}.weight" for n in results}
     if "lm_head" in results:
         skip.add("lm_head.weight")  # a tied head is written as its own quantised tensors; the embeddings stay

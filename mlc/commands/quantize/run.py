@@ -56,10 +56,27 @@ def _progress() -> Iterator[Callable[[str, int, int], None] | None]:
         yield tick
 
 
+def release_freed_memory() -> None:
+    """Make glibc hand freed tensors back to the OS at once.
+
+    Quantising reads, converts and frees hundreds of tensors of a few MiB. After the first large
+    free, glibc raises its mmap threshold (up to 32 MiB) and keeps such blocks in its heap, where
+    fragmentation holds on to them: measured on SmolLM2 int4, peak RSS 722 MB with the default,
+    515 MB with a fixed 1 MiB threshold (tensors above it are mmapped and unmapped on free).
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def run_quantize(args: QuantizeArgs) -> dict[str, Any]:
     """Run `mlc quantize`; returns the report (also written to the run directory and printed)."""
     import torch
 
+    release_freed_memory()
     from mlc import console, options, plugins
     from mlc.commands.quantize.calibration import load_calibration
     from mlc.commands.quantize.quantize import QuantizeRequest, quantize_model
