@@ -170,3 +170,28 @@ def test_union_tokenizer_reindexes_rows_by_token_and_never_merges_absent_tokens(
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     logits = model(torch.tensor([[ids["x2"], ids["t3"]]])).logits
     assert logits.shape == (1, 2, 36) and torch.isfinite(logits).all()
+
+
+def test_parameter_precedence_source_over_slice_over_global(run_mlc, workdir):
+    """A source's setting beats its slice's, which beats the global one; a filter that does not match falls through."""
+    import yaml
+
+    config = {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "models/math", "layer_range": [0, LAYERS], "parameters": {"weight": 3.0}},
+                    {"model": "models/code", "layer_range": [0, LAYERS]},
+                ],
+                "parameters": {"weight": [{"filter": "mlp", "value": 2.0}]},
+            }
+        ],
+        "parameters": {"weight": 1.0},
+        "dtype": "float32",
+    }
+    (workdir / "precedence.yml").write_text(yaml.safe_dump(config))
+    got = run_example(run_mlc, workdir, "precedence")
+    m, c = models(workdir, "math", "code")
+    expected = {k: ref.linear([m[k], c[k]], [3.0, 2.0 if "mlp" in k else 1.0]) for k in m}
+    assert_close(got, expected)
