@@ -171,3 +171,26 @@ def test_bad_input_fails_in_one_line_and_leaves_no_output(outputs, small_model_d
     assert "does not take --group-size" in err
     err = _fails_cleanly(run_mlc_module, out, str(small_model_dir), "--scheme", "int8", "--calib", str(short))
     assert "uses no calibration" in err
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_experts_are_quantised_and_routers_kept(tiny_hf_model, run_mlc_module, tmp_path, kind):
+    from mlc.models import load_model
+
+    src = tiny_hf_model(kind)
+    out = tmp_path / "q"
+    # Qwen2-MoE's shared expert is 48 wide here: no int4 group divides it, so it stays in full precision.
+    exclude = ["--exclude", "*.shared_expert.down_proj"] if kind == "qwen2_moe" else []
+    code, _, stderr = run_mlc_module("quantize", src, "--scheme", "int4", "--group-size", "32", "--out", out, "--no-eval", *exclude)
+    assert code == 0, stderr
+    model = load_model(out, dtype=torch.float32)
+    names = set(quant_modules(model))
+    experts = [n for n, m in model.named_modules() if ".experts." in n and isinstance(m, (torch.nn.Linear, QuantLinear))]
+    assert experts and all(n in names for n in experts)
+    assert not any(n.endswith((".gate", "shared_expert_gate")) for n in names)
+    ids = torch.arange(24).view(2, 12) % 128
+    with torch.no_grad():
+        ref = _reference_logits(src, out, ids)
+        for m in quant_modules(model).values():
+            m.exact = True
+        assert torch.allclose(model(ids).logits, ref, atol=1e-4)
