@@ -103,3 +103,15 @@ def test_ratio_one_redraws_every_neuron_and_ratio_zero_none(skewed_base, tmp_pat
     none = load_file(str(upcycle(skewed_base, tmp_path / "none", experts=2, top_k=1, drop_ratio=0.0) / "model.safetensors"))
     assert (full[expert_name("mixtral", 0, 1, "up")] != dense).all()
     assert torch.equal(none[expert_name("mixtral", 0, 1, "up")], dense)
+
+
+def test_the_shared_expert_keeps_the_dense_mlp_while_routed_experts_drop(skewed_base, tmp_path, runs_root):
+    dense = load_file(str(skewed_base / "model.safetensors"))
+    moe = load_file(str(upcycle(skewed_base, tmp_path / "moe", experts=2, top_k=1, shared_expert=True, drop_ratio=RATIO) / "model.safetensors"))
+    for proj in ("gate", "up", "down"):
+        d = dense[f"model.layers.1.mlp.{proj}_proj.weight"]
+        assert torch.equal(moe[f"model.layers.1.mlp.shared_expert.{proj}_proj.weight"], d)
+        routed = moe[expert_name("qwen2_moe", 1, 0, proj)]
+        if proj == "down":
+            routed = routed * 2  # the routed half of the dense function (exact: a power of two)
+        assert len(changed_neurons(d, routed, proj)) == RATIO * 64
