@@ -68,7 +68,7 @@ def validate(opts: UpcycleOptions, runs_root: Path) -> UpcyclePlan:
     if opts.out is not None and Path(opts.out).exists() and not opts.overwrite:
         problems.append(f"--out {opts.out} already exists (pass --overwrite to replace it)")
     if problems:
-        raise ValidationError(problems, what="upcycle inputs", hint=None if len(problems) > 1 else "nothing was written")
+        raise ValidationError(problems, what="upcycle inputs")
     assert base is not None and dtype is not None
     from mlc.models.config import dtype_name
 
