@@ -53,8 +53,15 @@ class Segment:
     blocks: list[int]
 
 
-def _slots(blocks: list[int], start: int, end: int, block_size: int) -> list[int]:
-    return [blocks[p // block_size] * block_size + p % block_size for p in range(start, end)]
+def slot_table(tables: list[list[int]], length: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Slots of positions 0..length-1 for each block table, (len(tables), length); positions a table lacks map to slot 0.
+
+    Built with tensor ops on the (few) block ids rather than a Python loop over (many) positions.
+    """
+    n = -(-length // block_size)
+    table = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables], dtype=torch.long, device=device)
+    j = torch.arange(length, device=device)
+    return table[:, j // block_size] * block_size + j % block_size
 
 
 class PagedBatch:
@@ -72,13 +79,13 @@ class PagedBatch:
         while self.num_decodes < len(segments) and segments[self.num_decodes].length == 1:
             self.num_decodes += 1
         pos: list[int] = []
-        slots: list[int] = []
         for s in segments:
             pos.extend(range(s.start, s.start + s.length))
-            slots.extend(_slots(s.blocks, s.start, s.start + s.length, bs))
         self.position_ids = torch.tensor(pos, dtype=torch.long, device=device).unsqueeze(0)
-        self.write_slots = torch.tensor(slots, dtype=torch.long, device=device)
         self.num_tokens = len(pos)
+        # A new token's slot: its block's id times the block size, plus its offset in the block.
+        blocks_of_token = [s.blocks[p // bs] for s in segments for p in range(s.start, s.start + s.length)]
+        self.write_slots = torch.tensor(blocks_of_token, dtype=torch.long, device=device) * bs + self.position_ids[0] % bs
 
         # Decodes: gather every key of every decoding sequence, padded to the longest, masked past each length.
         self._decode_masks: dict[int | None, torch.Tensor | None] = {}
@@ -87,11 +94,7 @@ class PagedBatch:
             self._lens = [s.start + 1 for s in decodes]
             self.decode_lens = torch.tensor(self._lens, device=device)
             self.decode_max = max(self._lens)
-            gather = []
-            for s in decodes:
-                gather.extend(_slots(s.blocks, 0, s.start + 1, bs))
-                gather.extend([0] * (self.decode_max - s.start - 1))
-            self.decode_gather = torch.tensor(gather, dtype=torch.long, device=device)
+            self.decode_gather = slot_table([s.blocks for s in decodes], self.decode_max, bs, device).reshape(-1)
 
         # Prefill chunks: (first token in the flat batch, length, gather index or None when there is no past).
         self.prefills: list[tuple[int, int, int, torch.Tensor | None]] = []
@@ -99,7 +102,7 @@ class PagedBatch:
         for s in segments[self.num_decodes :]:
             gather_idx = None
             if s.start > 0:
-                gather_idx = torch.tensor(_slots(s.blocks, 0, s.start + s.length, bs), dtype=torch.long, device=device)
+                gather_idx = slot_table([s.blocks], s.start + s.length, bs, device)[0]
             self.prefills.append((offset, s.length, s.start, gather_idx))
             offset += s.length
 
