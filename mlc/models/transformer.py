@@ -220,5 +220,9 @@ class CausalLM(nn.Module):
             hidden[-1] = x  # as in transformers: the last hidden state is the normed one
         logits = None
         if not skip_logits:
-            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+            kept = x[:, -logits_to_keep:] if logits_to_keep else x
+            # The head sees a 2-D input: for a strided 3-D slice whose weights do not require grad
+            # (inference mode, frozen or quantised models) matmul falls back to bmm and copies the
+            # whole transposed head weight on every call.
+            logits = self.lm_head(kept.reshape(-1, kept.shape[-1])).view(kept.shape[0], kept.shape[1], -1)
         return ModelOutput(logits, hidden, routers, x)

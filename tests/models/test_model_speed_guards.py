@@ -1,0 +1,44 @@
+"""Guards for the fast paths: mistakes here cost speed silently, never correctness."""
+
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from mlc.models import KVCache, build_model, load_model, save_model
+
+TINY = {
+    "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": True,
+}
+
+
+def _ops(fn) -> dict[str, int]:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+def test_last_position_logits_never_copy_the_output_head(tmp_path):
+    # Loaded under inference mode, weights do not require grad; matmul on a strided 3-D slice would
+    # then take the bmm path and copy the whole transposed head weight on every call.
+    path = save_model(build_model(TINY), tmp_path / "m")
+    with torch.inference_mode():
+        model = load_model(path, dtype="bf16")
+        ids = torch.randint(0, 512, (1, 16))
+        ops = _ops(lambda: model(ids, logits_to_keep=1))
+    assert ops.get("aten::bmm", 0) == 0
+    assert ops["aten::mm"] == 2 * 7 + 1  # seven projections per layer, one head
+
+
+def test_decoding_writes_into_the_preallocated_cache(tmp_path):
+    model = build_model(TINY)
+    cache = KVCache(model.config, batch_size=1, max_length=32)
+    storage = [t.data_ptr() for t in cache.k + cache.v]
+    with torch.inference_mode():
+        model(torch.randint(0, 512, (1, 8)), cache=cache)
+        for _ in range(4):
+            model(torch.randint(0, 512, (1, 1)), cache=cache, logits_to_keep=1)
+    assert cache.length == 12
+    assert [t.data_ptr() for t in cache.k + cache.v] == storage
+    assert cache.k[0][:, :, 12:].abs().sum() == 0 and cache.k[0][:, :, :12].abs().sum() > 0
