@@ -260,6 +260,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--skip-load", action="store_true", help="Batch-1 decode only (and llama.cpp's one-at-a-time aggregate).")
     args = ap.parse_args()
     torch.manual_seed(0)
     path = smollm2_hf_dir()
@@ -291,6 +292,11 @@ def main() -> None:
     if llama:
         print(f"mlc int4 / llama.cpp Q4_1:    {ratio('mlc int4 batch 1', 'llama.cpp Q4_1 batch 1')} (target >= 0.75x)")
 
+    if args.skip_load:
+        if llama:
+            agg = llama["serial_aggregate"]
+            print(f"llama.cpp one request at a time (8 x {PROMPT_LEN} + {OUTPUT_LEN}): {agg[0]:.1f} tokens/s, {agg[1]:.1f} per CPU-s")
+        return
     print(f"\n## load: {PROMPT_LEN}-token prompts, {OUTPUT_LEN} output tokens, bf16: aggregate output tokens/s and per CPU-second", flush=True)
     hf8 = hf_static_batches(path, prompts, 8, max(1, reps - 2))
     print(f"transformers static batch 8, 32 requests: {hf8[0]:.1f} tokens/s, {hf8[1]:.1f} per CPU-s", flush=True)
