@@ -307,6 +307,8 @@ def check(config: TrainConfig) -> None:
     for key in ("interval", "keep_last_k"):
         if getattr(config.checkpoint, key) < 0:
             p.append(f"checkpoint.{key}: must be >= 0")
+    if config.out and Path(config.out).exists():
+        p.append(f"out: {config.out} already exists; choose a new directory (the run's own artifact needs none)")
     if config.log.interval < 1:
         p.append(f"log.interval: must be at least 1, got {config.log.interval}")
     if config.moe.aux_loss_coef < 0 or config.moe.z_loss_coef < 0:

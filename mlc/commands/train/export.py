@@ -27,10 +27,10 @@ def export_final(
     if run is not None:
         meta = {"steps": config.train.steps, "mode": config.data.mode, "lora": lora}
         if lora:
-            with run.artifact("adapter", kind="adapter", out=config.out or None, overwrite=True, meta=meta) as staging:
+            with run.artifact("adapter", kind="adapter", out=config.out or None, overwrite=not config.out, meta=meta) as staging:
                 _save_adapter(model, state, staging, init_dir)
         else:
-            with run.artifact("model", kind="model", out=config.out or None, overwrite=True, meta=meta) as staging:
+            with run.artifact("model", kind="model", out=config.out or None, overwrite=not config.out, meta=meta) as staging:
                 _save_model(model, state, staging, tokenizer_dir)
         path = Path(run.data["artifacts"]["adapter" if lora else "model"]["path"])
     mdist.barrier()
