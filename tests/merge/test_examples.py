@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.merge import reference as ref
-from tests.merge.tiny import llama_config, llama_tensors, load, perturb, save_model
+from . import reference as ref
+from .tiny import llama_config, llama_tensors, load, perturb, save_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "merge"
 VOCAB = [f"t{i}" for i in range(32)]

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from mlc.runs.hashing import content_hash
-from tests.merge.tiny import llama_config, llama_tensors, perturb, save_model
+from .tiny import llama_config, llama_tensors, perturb, save_model
 
 
 def test_a_merge_of_merges_traces_back_to_its_sources(run_mlc, tmp_path: Path):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.merge import reference as ref
-from tests.merge.tiny import load
+from . import reference as ref
+from .tiny import load
 
 CFG = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.merge.tiny import write_wordlevel_tokenizer
+from .tiny import write_wordlevel_tokenizer
 
 VOCAB = ["A", "B", "C"] + [f"x{i}" for i in range(12)]
 CONFIG = {

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from tests.merge.tiny import llama_config, llama_tensors, load, perturb, save_model
+from .tiny import llama_config, llama_tensors, load, perturb, save_model
 
 REPO = Path(__file__).resolve().parents[2]
 MB = 2**20

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.merge.tiny import llama_config, llama_tensors, perturb, save_model, write_wordlevel_tokenizer
+from .tiny import llama_config, llama_tensors, perturb, save_model, write_wordlevel_tokenizer
 
 
 @pytest.fixture
