@@ -19,11 +19,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from mlc.data import eval_text_path
 from mlc.errors import InputError
 from mlc.models.transformer import CausalLM
 
 DOC_SEPARATOR = "\n\n"
-HELDOUT_TEXT = Path(__file__).with_name("heldout.txt")
+HELDOUT_TEXT = eval_text_path()  # the bundled held-out text: never seen by the demo's or tests' training
 
 
 @dataclass

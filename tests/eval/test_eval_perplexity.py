@@ -71,7 +71,7 @@ def test_a_bad_window_is_refused_before_any_work(smollm2_model):
 
 def test_eval_cli_reads_jsonl_reports_json_and_records_a_run(smollm2_dir, tmp_path, run_mlc):
     data = tmp_path / "data.jsonl"
-    paragraphs = [p for p in HELDOUT_TEXT.read_text().split("\n\n") if p][:2]
+    paragraphs = [p for p in HELDOUT_TEXT.read_text().split("\n\n") if len(p) > 300][:5]
     data.write_text("\n".join(json.dumps({"text": p, "id": i}) for i, p in enumerate(paragraphs)) + "\n")
     code, out, err = run_mlc("eval", smollm2_dir, "--data", data, "--context", "128", "--stride", "64", "--max-tokens", "300", "--json")
     assert code == 0, err
