@@ -11,8 +11,6 @@ MLC_LOAD_PLUGINS limits which packages' plugins load: a comma-separated list of 
 from __future__ import annotations
 
 import ast
-import importlib
-import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -93,19 +91,32 @@ class PluginLoadError(Exception):
 
 
 def module_file(module: str) -> str | None:
-    """Locate a module's source file without executing it or its parent packages."""
+    """Locate a module's source file without executing it or its parent packages.
+
+    Only the top-level package is looked up through the import system (editable installs map it there);
+    below it, packages are plain directories, with or without __init__.py (namespace packages).
+    """
     if module in sys.modules:
         return getattr(sys.modules[module], "__file__", None)
-    parts = module.split(".")
+    top, *rest = module.split(".")
     try:
-        spec = importlib.util.find_spec(parts[0]) if parts[0] not in sys.modules else sys.modules[parts[0]].__spec__
-        for i in range(1, len(parts)):
-            if spec is None or not spec.submodule_search_locations:
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), list(spec.submodule_search_locations))
+        spec = sys.modules[top].__spec__ if top in sys.modules else importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return None
-    return spec.origin if spec is not None and spec.has_location else None
+    if spec is None:
+        return None
+    if not rest:
+        return spec.origin if spec.has_location else None
+    locations = list(spec.submodule_search_locations or [])
+    for i, part in enumerate(rest):
+        if i == len(rest) - 1:
+            for loc in locations:
+                for candidate in (os.path.join(loc, part + ".py"), os.path.join(loc, part, "__init__.py")):
+                    if os.path.isfile(candidate):
+                        return candidate
+            return None
+        locations = [os.path.join(loc, part) for loc in locations if os.path.isdir(os.path.join(loc, part))]
+    return None
 
 
 def allowed_packages() -> set[str] | None:

@@ -27,6 +27,7 @@ version = "0.3.1"
 hello = "mlc_hello.cli:app"
 nap = "mlc_hello.nap:app"
 broken = "mlc_hello.broken:app"
+shout = "mlc_hello.loud.cli:app"
 
 [project.entry-points."mlc.merge_methods.v1"]
 elementwise_max = "mlc_hello.methods:elementwise_max"
@@ -64,6 +65,17 @@ PLUGIN_FILES = {
             with open_run("nap", config={"seconds": seconds}) as run:
                 marker.write_text(run.id)
                 time.sleep(seconds)
+    ''',
+    "mlc_hello/loud/cli.py": '''
+        """Shout, from a folder without __init__.py (a namespace package)."""
+        import typer
+
+        app = typer.Typer()
+
+
+        @app.command()
+        def shout(word: str = "hey") -> None:
+            print(word.upper())
     ''',
     "mlc_hello/broken.py": '''
         """A plugin whose import fails."""

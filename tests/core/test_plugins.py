@@ -25,6 +25,13 @@ def test_third_party_command_and_merge_method_appear(plugin_site: Path):
     assert method[0]["status"] == "ok"
 
 
+def test_a_command_in_a_folder_without_init_py_is_listed_and_runs(plugin_site: Path):
+    proc = run_mlc("--help", env=env_with(plugin_site))
+    assert "Shout, from a folder without __init__.py" in proc.stdout
+    proc = run_mlc("shout", "--word", "ok", env=env_with(plugin_site))
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK"
+
+
 def test_third_party_merge_method_is_callable_through_the_registry(plugin_site: Path):
     code = (
         "import torch; from mlc import plugins\n"
