@@ -78,3 +78,20 @@ tensorboard = true
         assert len(m["moe/expert_share"]) == 4  # one row per layer
         # Every expert of every layer got tokens, within a factor of 4 of each other.
         assert all(r is not None and r < 4.0 for r in m["moe/max_min_ratio"])
+
+
+def test_default_lora_targets_reach_mixtral_experts_and_attention():
+    from mlc.commands.train.config import LoraSection
+    from mlc.commands.train.model import add_lora
+    from mlc.models import build_model
+
+    from mlc.data import tiny_model_dir
+
+    config = json.loads((tiny_model_dir() / "config.json").read_text())
+    config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=2, num_experts_per_tok=1,
+                  intermediate_size=64, num_hidden_layers=1)
+    wrapped = add_lora(build_model(config, seed=0), LoraSection(enabled=True, r=2))
+    adapted = {name.rsplit(".lora_A", 1)[0].split("layers.0.")[1] for name, _ in wrapped.named_parameters() if ".lora_A" in name}
+    experts = {f"block_sparse_moe.experts.{e}.{w}" for e in range(2) for w in ("w1", "w2", "w3")}
+    attention = {f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    assert adapted == experts | attention

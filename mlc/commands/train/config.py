@@ -80,7 +80,10 @@ class LoraSection:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    # Every projection; w1/w2/w3 are Mixtral's expert names (Qwen2-MoE experts reuse gate/up/down_proj).
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"]
+    )
 
 
 @dataclass

@@ -31,7 +31,14 @@ def add_lora(model: CausalLM, lora: LoraSection) -> nn.Module:
 
     # No task_type: peft's causal-LM wrapper would call forward with transformers' keyword arguments.
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules))
-    return get_peft_model(model, peft_config)
+    # Seeing config.model_type == "mixtral", peft renames w1/w2/w3 to transformers 5's fused expert tensors; mlc
+    # keeps one nn.Linear per expert (the on-disk layout), so hide the config while peft chooses its targets.
+    config = model.config
+    del model.config
+    try:
+        return get_peft_model(model, peft_config)
+    finally:
+        model.config = config
 
 
 def causal_lm(model: nn.Module) -> CausalLM:
