@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import imported_modules, run_mlc
+from .conftest import imported_modules, run_mlc
 
 from mlc import plugins
 

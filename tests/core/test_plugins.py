@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from conftest import run_mlc
+from .conftest import run_mlc
 
 
 def env_with(site: Path, **extra: str) -> dict[str, str]:

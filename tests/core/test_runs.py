@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_mlc
+from .conftest import run_mlc
 
 from mlc.errors import InputError, MlcError
 from mlc.runs import hashing, index

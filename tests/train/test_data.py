@@ -12,7 +12,7 @@ from mlc.commands.train.batches import PackedSamples, SampleOrder, micro_batch_p
 from mlc.commands.train.tokens import tokenize_file, tokenizer_hash
 from mlc.models.tokenizer import load_tokenizer
 
-from conftest import DATA
+from .conftest import DATA
 
 TOK = DATA / "tiny"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import loss_curve, metrics, mlc_train, train_runs, write_config
+from .conftest import loss_curve, metrics, mlc_train, train_runs, write_config
 
 # DDP/FSDP vs one process, and resuming on another world size: the gradient sums are added in another order
 # (all-reduce vs local accumulation). Measured here: 0.0 on 2 processes (a + b == b + a, and the per-rank scale is a
@@ -90,7 +90,7 @@ def test_the_model_artifact_loads_in_transformers_with_the_same_eval_loss(refere
     from mlc.commands.train.tokens import tokenize_file, tokenizer_hash
     from mlc.models.tokenizer import load_tokenizer
 
-    from conftest import DATA
+    from .conftest import DATA
 
     tok = DATA / "tiny"
     data = tokenize_file(DATA / "corpus" / "eval.txt", "pretrain", load_tokenizer(tok), tokenizer_hash(tok), 2048)
@@ -157,7 +157,7 @@ def _assert_same_samples(traces: list[Path], reference: dict[int, list[int]]) ->
 
 
 def test_continuing_from_a_run_records_it_as_the_input_and_starts_trained(references, tmp_path):
-    from conftest import DATA, SMALL
+    from .conftest import DATA, SMALL
 
     parent = references["one"]["run"]
     parent_id = json.loads((parent / "run.json").read_text())["id"]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, metrics, mlc_train, train_runs
+from .conftest import REPO, metrics, mlc_train, train_runs
 
 # ln(2048) = 7.62 nats is a uniform guess over the tiny vocabulary; after the recipe's 60 steps (123k tokens, ~10 s
 # on 2 free cores) the held-out loss is below 6.4 (6.16 measured here).

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import DATA, mlc_train, train_runs, write_config
+from .conftest import DATA, mlc_train, train_runs, write_config
 
 SEQ_LEN, EVAL_SEQS = 128, 8
 

@@ -9,7 +9,7 @@ import torch
 
 from mlc.commands.train import moe
 
-from conftest import DATA, metrics, mlc_train, train_runs, write_config
+from .conftest import DATA, metrics, mlc_train, train_runs, write_config
 
 
 def test_load_balancing_loss_is_switch_loss_per_layer_averaged():

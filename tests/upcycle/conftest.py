@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from upcycle_helpers import PROMPTS, make_dense, make_finetune
+from .upcycle_helpers import PROMPTS, make_dense, make_finetune
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from upcycle_helpers import upcycle
+from .upcycle_helpers import upcycle
 
 from mlc.commands.upcycle.layout import expert_name
 

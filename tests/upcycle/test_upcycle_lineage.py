@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from upcycle_helpers import upcycle
+from .upcycle_helpers import upcycle
 
 from mlc.runs import open_run
 from mlc.runs.hashing import content_hash

@@ -41,15 +41,19 @@ def wide_vocab_model(tmp_path_factory):
 
 
 def peak_rss_mb(args: list[str], tmp_path) -> float:
-    """Peak RSS of a fresh `mlc` process running args (its own ru_maxrss, not the test runner's)."""
+    """Peak RSS of a fresh `mlc` process running args: its own VmHWM.
+
+    Not getrusage's ru_maxrss: Linux carries the RSS the parent (this pytest process) had at fork across exec,
+    so in a full test session ru_maxrss reports the runner's memory, not the upcycle's.
+    """
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from mlc.cli import main\n"
         "try:\n"
         f"    main({args!r})\n"
         "except SystemExit as e:\n"
         "    assert not e.code, e.code\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:')) / 1024)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr

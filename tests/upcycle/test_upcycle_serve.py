@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from upcycle_helpers import upcycle
+from .upcycle_helpers import upcycle
 
 from mlc.models.generate import generate
 from mlc.models.tokenizer import load_tokenizer

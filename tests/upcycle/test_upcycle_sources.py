@@ -7,7 +7,7 @@ import json
 
 import torch
 from safetensors.torch import load_file
-from upcycle_helpers import hf_logits, mlc_logits, token_batch, upcycle
+from .upcycle_helpers import hf_logits, mlc_logits, token_batch, upcycle
 
 from mlc.commands.upcycle.layout import DENSE_MLP, expert_name
 

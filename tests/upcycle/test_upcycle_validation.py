@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from upcycle_helpers import make_dense, upcycle
+from .upcycle_helpers import make_dense, upcycle
 
 from mlc.commands.upcycle.options import UpcycleOptions
 from mlc.commands.upcycle.validate import validate
