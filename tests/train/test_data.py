@@ -28,14 +28,15 @@ def tokens_of(path: Path, mode: str = "pretrain"):
 
 def test_text_is_tokenised_once_and_cached_by_content(tmp_path):
     text = tmp_path / "a.txt"
-    text.write_text("The first document.\n\nThe second one,\nover two lines.\n")
+    text.write_text("The first document.\n\nIts second paragraph.\n\n\nThe second one,\nover two lines.\n")
     first = tokens_of(text)
     stamp = (first.path / "tokens.bin").stat().st_mtime_ns
     again = tokens_of(text)
     assert again.path == first.path and (again.path / "tokens.bin").stat().st_mtime_ns == stamp
     tok = load_tokenizer(TOK)
     eos = tok.eos_token_id
-    expected = tok.encode("The first document.") + [eos] + tok.encode("The second one,\nover two lines.") + [eos]
+    # Two blank lines end a document; one is a paragraph break that stays in it.
+    expected = tok.encode("The first document.\n\nIts second paragraph.") + [eos] + tok.encode("The second one,\nover two lines.") + [eos]
     assert list(first.tokens) == expected and set(first.mask.tolist()) == {1}
     text.write_text("Something else.\n")
     assert tokens_of(text).path != first.path

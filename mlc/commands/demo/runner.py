@@ -21,8 +21,8 @@ from mlc.runs.rundir import read_run
 
 # Summary keys worth showing per stage, in order of preference (each command records its own).
 HIGHLIGHTS = (
-    "final_loss", "eval_loss", "eval_perplexity", "perplexity", "ppl_before", "ppl_after",
-    "bits_per_param", "size_bytes", "tokens_per_s", "experts", "seconds",
+    "world_size", "final_loss", "eval_ppl", "median_tokens_per_s", "method", "perplexity", "perplexity_before",
+    "perplexity_after", "bits_per_param", "layout", "experts", "top_k", "mean_ttft_s", "generation_tokens",
 )
 
 
@@ -103,9 +103,17 @@ def pick_figures(summary: dict[str, Any]) -> dict[str, Any]:
     picked = {}
     for key in HIGHLIGHTS:
         value = summary.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            picked[key] = round(value, 4) if isinstance(value, float) else value
+        if isinstance(value, float):
+            picked[key] = round(value, 3)
+        elif isinstance(value, (int, str)) and not isinstance(value, bool):
+            picked[key] = value
     return picked
+
+
+def one_line(text: str, width: int) -> str:
+    """The reply on one line, shortened: the tiny model babbles, the point is that it answered."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def free_port() -> int:
@@ -132,7 +140,8 @@ def serve_stage(model_dir: Path, work: Path, root: Path) -> StageResult:
             wait_healthy(proc, port, log)
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
             reply = client.chat.completions.create(
-                model="mlc-demo", messages=[{"role": "user", "content": "What do bees make?"}], max_tokens=32, temperature=0
+                model="mlc-demo", messages=[{"role": "user", "content": "What do bees make?"}], max_tokens=32,
+                temperature=0.7, seed=0,  # sampled, not greedy: a model trained for seconds repeats one token greedily
             )
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -143,8 +152,10 @@ def serve_stage(model_dir: Path, work: Path, root: Path) -> StageResult:
     seconds = time.perf_counter() - start
     new = sorted(run_ids(root) - before)
     answer = reply.choices[0].message.content or ""
-    figures = {"completion_tokens": reply.usage.completion_tokens if reply.usage else None}
-    return StageResult("serve", f"Q: What do bees make?  A: {answer.strip()!r}", seconds, new[-1] if new else None, None, figures)
+    run_id = new[-1] if new else None
+    figures = pick_figures(read_run(root / run_id).data.get("summary", {})) if run_id else {}
+    figures["answer"] = one_line(answer, 60)
+    return StageResult("serve", "serve the int8 model; ask 'What do bees make?' through the openai client", seconds, run_id, None, figures)
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 180) -> None:
@@ -173,12 +184,16 @@ def print_report(results: list[StageResult], total: float, work: Path, root: Pat
 
     from mlc.runs.lineage import as_rich_tree, lineage
 
-    table = Table("stage", "what", "seconds", "run", "artifact", "figures", title=f"mlc demo: {total:.0f}s")
+    table = Table("stage", "s", "run", "figures", title=f"mlc demo: {len(results)} stages in {total:.0f}s", title_justify="left")
     for r in results:
-        figures = "\n".join(f"{k} {v}" for k, v in r.figures.items() if v is not None)
-        table.add_row(r.name, r.title, f"{r.seconds:.1f}", r.run_id or "", r.artifact or "", figures)
+        figures = "  ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}" for k, v in r.figures.items() if v is not None)
+        table.add_row(r.name, f"{r.seconds:.0f}", r.run_id.rsplit("-", 1)[-1] if r.run_id else "", figures)
     console.out.print(table)
+    console.out.print("\nWhat it made:")
+    for r in results:
+        if r.artifact:
+            console.out.print(f"  {r.name:<10} {r.artifact}")
     if quantize_run:
         console.out.print("\nWhere the quantised model came from (`mlc runs lineage`):")
         console.out.print(as_rich_tree(lineage(root, f"run:{quantize_run}")))
-    console.out.print(f"\nConfigs, logs and models: {work}\nRuns: {root}  (try `mlc runs ls`)")
+    console.out.print(f"\nConfigs and logs: {work}\nRuns: {root}  (`mlc runs ls`, `mlc runs show <id>`)")

@@ -60,6 +60,7 @@ min_lr_ratio = 0.1
 
 [log]
 interval = 5
+tensorboard = false  # metrics.jsonl is the record; the base install has no tensorboard
 """
 
 
@@ -95,6 +96,7 @@ min_lr_ratio = 0.1
 
 [log]
 interval = 5
+tensorboard = false  # metrics.jsonl is the record; the base install has no tensorboard
 """
 
 
@@ -129,6 +131,7 @@ aux_loss_coef = 0.02
 
 [log]
 interval = 2
+tensorboard = false  # metrics.jsonl is the record; the base install has no tensorboard
 """
 
 
@@ -158,9 +161,9 @@ def lifecycle(work: Path, base_steps: int, chat_steps: int, moe_steps: int) -> l
             {"chat.toml": lambda r: chat_config(chat_steps, r["base"])},
         ),
         Stage("merge", "SLERP-merge base and chat", ["merge", str(work / "merge.yml"), "--out", str(merged)], {"merge.yml": merge_yaml}),
-        Stage("eval-base", "held-out perplexity of base", ["eval", "@base", "--data", str(data.eval_text_path())]),
-        Stage("eval-chat", "held-out perplexity of chat", ["eval", "@chat", "--data", str(data.eval_text_path())]),
-        Stage("eval-merge", "held-out perplexity of the merge", ["eval", str(merged), "--data", str(data.eval_text_path())]),
+        Stage("eval-base", "held-out perplexity of base", ["eval", "@base", "--data", str(data.eval_text_path()), "--context", "128", "--stride", "64"]),
+        Stage("eval-chat", "held-out perplexity of chat", ["eval", "@chat", "--data", str(data.eval_text_path()), "--context", "128", "--stride", "64"]),
+        Stage("eval-merge", "held-out perplexity of the merge", ["eval", str(merged), "--data", str(data.eval_text_path()), "--context", "128", "--stride", "64"]),
         Stage("quantize", "int8 weight-only quantisation", ["quantize", str(merged), "--scheme", "int8", "--out", str(quantized)]),
         Stage("upcycle", "upcycle the merge to 4 experts, top-2", ["upcycle", str(merged), "--out", str(moe), "-E", "4", "-k", "2"]),
         Stage("moe-train", "train the MoE a few steps", ["train", str(work / "moe.toml")], {"moe.toml": lambda r: moe_config(moe_steps, moe)}),

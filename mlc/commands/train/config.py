@@ -108,7 +108,7 @@ class CheckpointSection:
 @dataclass
 class LogSection:
     interval: int = 1  # steps between metrics lines
-    tensorboard: bool = True  # write event files when the tensorboard package is importable
+    tensorboard: bool = True  # write event files (needs the tensorboard package; warns once when it is missing)
     peak_flops: float = 0.0  # FLOP/s of one device for MFU; 0: look the device up in the table
 
 

@@ -19,9 +19,14 @@ class MetricsSink:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: metrics.jsonl is the record
-                SummaryWriter = None
-            if SummaryWriter is not None:
+            except ImportError:  # said out loud, not silently skipped: metrics.jsonl still has every figure
+                message = (
+                    "log.tensorboard is on but the tensorboard package is not installed: "
+                    "pip install tensorboard, or set log.tensorboard = false; metrics.jsonl has the figures"
+                )
+                console.warn(message)
+                run.log(message)
+            else:
                 self.writer = SummaryWriter(log_dir=str(Path(run.path) / "tensorboard"))
 
     def log(self, values: dict[str, Any]) -> None:

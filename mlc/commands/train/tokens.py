@@ -24,7 +24,7 @@ from mlc.errors import InputError
 from mlc.paths import cache_dir
 from mlc.runs.hashing import file_sha256
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class Tokenizer(Protocol):
@@ -95,7 +95,11 @@ def _write_token_file(path: Path, mode: str, tokenizer: Tokenizer, vocab_size: i
 
 
 def _documents(path: Path) -> Iterator[str]:
-    """Documents of a text file (separated by blank lines) or of a JSONL file with a "text" field per line."""
+    """Documents of a text file (separated by two or more blank lines) or of a JSONL file with a "text" field per line.
+
+    A single blank line is a paragraph break inside a document and stays in the text, as `mlc eval` reads it:
+    a model trained here and evaluated there sees the same paragraph structure.
+    """
     if path.suffix == ".jsonl":
         for lineno, line in enumerate(path.open(encoding="utf-8"), 1):
             if line.strip():
@@ -104,15 +108,21 @@ def _documents(path: Path) -> Iterator[str]:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise InputError(f"{path}:{lineno}: expected a JSON object with a \"text\" field", "pretraining JSONL needs {\"text\": ...} per line") from None
         return
-    paragraph: list[str] = []
+    lines: list[str] = []
+    blank_run = 0
     for line in path.open(encoding="utf-8"):
         if line.strip():
-            paragraph.append(line)
-        elif paragraph:
-            yield "".join(paragraph).strip("\n")
-            paragraph = []
-    if paragraph:
-        yield "".join(paragraph).strip("\n")
+            if blank_run >= 2 and lines:
+                yield "".join(lines).strip("\n")
+                lines = []
+            elif blank_run == 1 and lines:
+                lines.append("\n")
+            lines.append(line)
+            blank_run = 0
+        else:
+            blank_run += 1
+    if lines:
+        yield "".join(lines).strip("\n")
 
 
 def _pretrain_pieces(path: Path, tokenizer: Tokenizer) -> Iterator[tuple[list[int], list[int]]]:
