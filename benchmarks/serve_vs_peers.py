@@ -29,9 +29,10 @@ import threading
 import time
 from pathlib import Path
 
-# As `mlc serve` does, for every peer run in this process: idle OpenMP workers sleep instead of spinning
-# (spinning workers on a shared 2-core machine slow everyone, transformers included, by 10-100x).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Every peer runs with OpenMP's defaults (OMP_WAIT_POLICY unset, unless the caller sets it): PASSIVE
+# made transformers 1.6x and llama.cpp 3.4x slower at batch-1 decode here, by waking sleeping workers
+# for every matmul. Everything torch runs in this process runs on the main thread, for the same reason
+# `mlc serve` runs its engine on the thread that loaded the model (see Engine.run).
 
 import torch  # noqa: E402
 
@@ -163,31 +164,25 @@ def mlc_engine(path: Path, dtype: str | None):
 
 
 def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int) -> tuple[float, float]:
-    """Batch-1 decode tokens/s of the engine (no HTTP): time from the first to the last token."""
+    """Batch-1 decode tokens/s of the engine (no HTTP), stepped in this thread: time from the first to the last token."""
     from mlc.commands.serve.engine import GenerationRequest
     from mlc.kernels.sampling import SamplingParams
 
     engine = mlc_engine(path, dtype)
-    engine.start()
     prompt = list(range(1000, 1032))
 
     def once(tokens: int) -> tuple[float, float]:
         times: list[tuple[float, float]] = []
-        done = threading.Event()
 
         def sink(ev):
             times.extend([(time.perf_counter(), time.process_time())] * len(ev.token_ids))
-            if ev.finish_reason:
-                done.set()
 
         engine.submit(GenerationRequest(f"r{time.perf_counter()}", prompt, SamplingParams(temperature=0), max_tokens=tokens, ignore_eos=True), sink)
-        done.wait()
+        engine.run_until_idle()  # in this (the loading) thread, as mlc serve's engine thread does
         return (len(times) - 1) / (times[-1][0] - times[0][0]), (len(times) - 1) / (times[-1][1] - times[0][1])
 
     once(8)
-    rate = medians(reps, lambda: once(n))
-    engine.stop()
-    return rate
+    return medians(reps, lambda: once(n))
 
 
 def serve_load(path: Path, prompts: list[list[int]], concurrency: int, reps: int) -> dict[str, float]:

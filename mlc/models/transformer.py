@@ -18,6 +18,24 @@ from mlc.models.kvcache import AttentionCache, causal_attention
 from mlc.models.rope import RotaryTable, apply_rope
 
 
+class Linear(nn.Linear):
+    """nn.Linear, with a faster path for one row of half-precision input on CPU (a decode step at batch 1).
+
+    torch's CPU GEMM for a single bf16 row is slow: F.linear of a 1536x576 bf16 weight took 67 us here
+    against 34 us for torch.mv on the same weight, and a SmolLM2 decode step went from 46 to 36 ms.
+    fp32, several rows and GPUs take F.linear as before. Being an nn.Linear, quantisation swaps it and
+    peft wraps it like any other.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and x.numel() == x.shape[-1]:
+            y = torch.mv(self.weight, x.reshape(-1))
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], y.shape[0])
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -38,10 +56,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         self.window = config.layer_window(layer_idx)
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.n_kv * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(hidden, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(hidden, self.n_kv * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=config.o_bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None = None
@@ -63,9 +81,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -76,9 +94,9 @@ class MixtralExpert(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden, intermediate, bias=False)
-        self.w2 = nn.Linear(intermediate, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+        self.w1 = Linear(hidden, intermediate, bias=False)
+        self.w2 = Linear(intermediate, hidden, bias=False)
+        self.w3 = Linear(hidden, intermediate, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -93,14 +111,14 @@ class SparseMoE(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.normalize = config.model_type == "mixtral" or config.norm_topk_prob
         self.jitter = config.router_jitter_noise
-        self.gate = nn.Linear(hidden, n, bias=False)
+        self.gate = Linear(hidden, n, bias=False)
         if config.model_type == "mixtral":
             self.experts = nn.ModuleList(MixtralExpert(hidden, config.intermediate_size) for _ in range(n))
         else:
             self.experts = nn.ModuleList(MLP(hidden, config.moe_intermediate_size) for _ in range(n))
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP(hidden, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
+            self.shared_expert_gate = Linear(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(output, router logits of shape (tokens, experts)) for x of shape (batch, seq, hidden)."""
@@ -176,7 +194,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Transformer(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:

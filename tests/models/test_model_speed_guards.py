@@ -28,7 +28,25 @@ def test_last_position_logits_never_copy_the_output_head(tmp_path):
         ids = torch.randint(0, 512, (1, 16))
         ops = _ops(lambda: model(ids, logits_to_keep=1))
     assert ops.get("aten::bmm", 0) == 0
-    assert ops["aten::mm"] == 2 * 7 + 1  # seven projections per layer, one head
+    assert ops["aten::mm"] == 2 * 7  # seven projections per layer over 16 rows
+    assert ops["aten::mv"] == 1  # the head over the one kept row: a bf16 matrix-vector product, no copy
+    assert ops.get("aten::clone", 0) == 0 and ops.get("aten::contiguous", 0) == 0
+
+
+def test_one_half_precision_row_takes_the_matrix_vector_path_with_linears_result():
+    from mlc.models.transformer import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(96, 40, bias=True).to(torch.bfloat16)
+    x = torch.randn(1, 1, 96, dtype=torch.bfloat16)
+    ops = _ops(lambda: layer(x))
+    assert ops.get("aten::mv", 0) == 1 and ops.get("aten::mm", 0) == 0 and ops.get("aten::addmm", 0) == 0
+    expected = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert layer(x).shape == (1, 1, 40)
+    torch.testing.assert_close(layer(x).float(), expected, atol=0.05, rtol=0.02)  # bf16 rounding of the output
+    several_rows = torch.randn(3, 96, dtype=torch.bfloat16)
+    assert _ops(lambda: layer(several_rows)).get("aten::mv", 0) == 0  # more than one row: F.linear as before
+    torch.testing.assert_close(layer(several_rows[:1])[0], layer(several_rows)[0], atol=0.05, rtol=0.02)
 
 
 def test_decoding_writes_into_the_preallocated_cache(tmp_path):

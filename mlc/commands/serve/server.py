@@ -122,6 +122,7 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
         state = ServerState(name, cfg.api_key, cfg.max_queue, metrics=metrics)
 
         def load() -> None:
+            """Load the model, then run the engine loop in this same thread until the server stops."""
             try:
                 engine, tokenizer, grammars = load_engine(cfg, metrics, path, budget)
             except Exception as e:  # stop the server (there is nothing to serve); serve() re-raises it
@@ -130,7 +131,6 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
                 return
             _register_gauges(metrics, engine)
             state.tokenizer, state.grammars, state.max_model_len = tokenizer, grammars, engine.config.max_model_len
-            engine.start()
             state.engine = engine
             c = engine.config
             run.log(f"serving {path}: {c.num_blocks} KV blocks of {c.block_size} tokens, max model length {c.max_model_len}")
@@ -138,17 +138,18 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
                 f"serving {name} on http://{cfg.host}:{cfg.port}/v1 ({c.num_blocks} KV blocks x {c.block_size} tokens, "
                 f"max length {c.max_model_len}, {engine.dtype})"
             )
+            engine.run()  # this thread loaded the weights, so it alone runs torch's OpenMP work (see Engine.run)
 
         server = DrainingServer(
             uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=int(cfg.grace_period)),
             state,
         )
-        loader = threading.Thread(target=load, name="mlc-serve-load", daemon=True)
-        loader.start()
+        engine_thread = threading.Thread(target=load, name="mlc-serve-engine", daemon=True)
+        engine_thread.start()
         server.run()
-        loader.join()
         if state.engine is not None:
             state.engine.stop()
+        engine_thread.join()
         summary = metrics.summary()
         run.log_metrics(summary)
         run.set_summary(**summary)
