@@ -135,7 +135,16 @@ def execute(
             if failed.is_set():
                 return
             tensors = read.result()
-            out = merge_job(plan, job, tensors)
+            if costs[i] * 2 > budget.limit:
+                # No other job can hold budget beside this one (the embeddings, typically), so nothing
+                # else computes meanwhile: give it every worker's core instead of leaving them idle.
+                torch.set_num_threads(workers)
+                try:
+                    out = merge_job(plan, job, tensors)
+                finally:
+                    torch.set_num_threads(1)
+            else:
+                out = merge_job(plan, job, tensors)
             del tensors
             budget.release(held - out_bytes[i])
             held = out_bytes[i]

@@ -29,6 +29,19 @@ def magnitude_keys(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(view) & _KEY_MAX[view]
 
 
+def keep_only_(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Zero the entries of delta where keep is False, in place.
+
+    Multiplying the integer view of the bits by the 0/1 mask gives exactly masked_fill's +0.0, and is
+    13x faster on bf16 here (1.0 vs 13 ms for 3.5 M entries), where float ops convert element by element.
+    """
+    view = _KEY_VIEW.get(delta.dtype)
+    if view is None or not delta.is_contiguous():
+        return delta.masked_fill_(~keep.view(delta.shape), 0)
+    delta.view(view).mul_(keep.view(delta.shape))
+    return delta
+
+
 def _histogram(keys: torch.Tensor, width: int) -> torch.Tensor:
     return torch.bincount(keys.reshape(-1), minlength=1 << width)
 
@@ -134,14 +147,14 @@ def magnitude_(delta: torch.Tensor, density: float, tie_order: str = "index") ->
     ((value, below, equal),) = kth_keys(keys, [n - k])  # the smallest key that is kept
     keep_equal = k - (n - below - equal)  # how many of the keys equal to it are kept
     if keep_equal == equal:
-        drop = keys < value
+        keep = keys >= value
     elif keep_equal == 0:
-        drop = keys <= value
+        keep = keys > value
     else:
-        drop = keys < value
-        drop |= _numbered(keys == value, keep_equal, n)
+        keep = keys > value
+        keep |= _numbered(keys == value, 0, keep_equal)  # the first keep_equal of the ties, by index
     del keys
-    return delta.masked_fill_(drop.view(delta.shape), 0)
+    return keep_only_(delta, keep)
 
 
 def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float, tie_order: str = "index") -> torch.Tensor:
@@ -156,7 +169,7 @@ def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float, tie_o
         keep = _argsort_keep(delta, n_bottom, n_bottom + target, descending=False)
     else:
         keep = rank_range_mask(magnitude_keys(delta), n_bottom, n_bottom + target)
-    return delta.masked_fill_(~keep.view(delta.shape), 0)
+    return keep_only_(delta, keep)
 
 
 def bernoulli_keep_(delta: torch.Tensor, density: float, rng: torch.Generator) -> torch.Tensor:

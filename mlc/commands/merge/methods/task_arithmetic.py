@@ -86,8 +86,10 @@ def combine_(deltas: list[torch.Tensor], base: torch.Tensor, params: dict[str, A
     out = base.view(-1)
     flats = [d.view(-1) for d in deltas]
     for start in range(0, out.numel(), CHUNK):
-        parts = [f[start : start + CHUNK] for f in flats]
-        mixed = parts[0].to(acc, copy=True)
+        # Widened once per chunk (exact): the sign, clamp and sums below then run as float32 vector ops,
+        # several times faster than bf16 element-wise ops on CPU, with the same results.
+        parts = [f[start : start + CHUNK].to(acc) for f in flats]
+        mixed = parts[0].clone()
         for p in parts[1:]:
             mixed += p
         if consensus:
@@ -97,7 +99,7 @@ def combine_(deltas: list[torch.Tensor], base: torch.Tensor, params: dict[str, A
             mixed.zero_()
             total = torch.zeros_like(mixed)
             for p, w in zip(parts, weights):
-                p.mul_(sign.to(p.dtype)).clamp_min_(0)
+                p.mul_(sign).clamp_min_(0)
                 mixed += p
                 total.add_(p > 0, alpha=w)
             mixed *= sign
