@@ -58,7 +58,7 @@ def load_command(plugin: plugins.Plugin) -> click.Command:
 app = typer.Typer(
     cls=LazyCommandGroup,
     name="mlc",
-    help="mlc: the model lifecycle command line. Train, convert, merge, upcycle, quantize, serve and bench language models; every command records a run.",
+    help="mlc: the model lifecycle command line. Train, convert, merge, upcycle, quantize, evaluate and serve language models; every command records a run.",
     no_args_is_help=True,
     context_settings=CONTEXT,
     rich_markup_mode=None,  # plain click help: importing rich's markdown renderer alone costs ~50 ms
