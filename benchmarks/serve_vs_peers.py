@@ -159,7 +159,10 @@ def mlc_engine(path: Path, dtype: str | None):
     from mlc.models import load_model
     from mlc.models.tokenizer import load_tokenizer
 
+    from mlc.models.transformer import fuse_projections
+
     model = load_model(path, dtype=dtype)
+    fuse_projections(model)  # as mlc serve does
     return Engine(model, load_tokenizer(path), EngineConfig(num_blocks=512, block_size=16, max_batched_tokens=512))
 
 

@@ -60,3 +60,18 @@ def test_decoding_writes_into_the_preallocated_cache(tmp_path):
     assert cache.length == 12
     assert [t.data_ptr() for t in cache.k + cache.v] == storage
     assert cache.k[0][:, :, 12:].abs().sum() == 0 and cache.k[0][:, :, :12].abs().sum() > 0
+
+
+def test_fused_projections_give_the_same_logits_with_four_matmuls_per_layer():
+    from mlc.models.transformer import fuse_projections
+
+    config = {**TINY, "model_type": "qwen2", "tie_word_embeddings": False}  # Qwen2: q/k/v carry biases
+    model = build_model(config).eval()
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.inference_mode():
+        before = model(ids).logits
+        assert fuse_projections(model) == 2 * 2  # one attention and one MLP per layer
+        after = model(ids).logits
+        ops = _ops(lambda: model(ids, logits_to_keep=1))
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
+    assert ops["aten::addmm"] + ops.get("aten::mm", 0) == 2 * 4 + 1  # qkv, o, gate_up, down per layer; the head
