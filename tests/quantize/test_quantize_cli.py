@@ -169,6 +169,8 @@ def test_bad_input_fails_in_one_line_and_leaves_no_output(outputs, small_model_d
     assert "no Linear layers to quantise" in err
     err = _fails_cleanly(run_mlc_module, out, str(small_model_dir), "--scheme", "int8", "--group-size", "64")
     assert "does not take --group-size" in err
+    err = _fails_cleanly(run_mlc_module, out, str(small_model_dir), "--scheme", "int4", "--no-act-order")
+    assert "does not take --act-order" in err
     err = _fails_cleanly(run_mlc_module, out, str(small_model_dir), "--scheme", "int8", "--calib", str(short))
     assert "uses no calibration" in err
 

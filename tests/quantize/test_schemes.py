@@ -108,3 +108,16 @@ def test_llm_int8_keeps_the_outlier_columns_in_fp16_and_quantises_the_rest_per_r
     ordinary = w.index_fill(1, torch.tensor([5, 9]), 0.0)
     assert torch.allclose(q.scale, ordinary.abs().amax(1, keepdim=True) / 127)
     assert (q.q[:, [5, 9]] == 0).all()
+
+
+def test_gptq_orders_by_activation_unless_told_not_to_and_other_schemes_refuse_the_flag():
+    from mlc.commands.quantize.schemes import GPTQ, INT4, SchemeOptions
+    from mlc.errors import MlcUsageError
+
+    assert GPTQ.options(SchemeOptions()).act_order is True
+    assert GPTQ.options(SchemeOptions(act_order=False)).act_order is False
+    assert GPTQ.options(SchemeOptions(bits=8)).act_order is True
+    assert INT4.options(SchemeOptions()).act_order is None
+    for flag in (True, False):
+        with pytest.raises(MlcUsageError, match="does not take --act-order"):
+            INT4.options(SchemeOptions(act_order=flag))

@@ -13,7 +13,7 @@ app = new_app("Quantise a model's weights (int8, int4, nf4, fp8, llm-int8, gptq,
 
 SCHEMES_HELP = (
     "Scheme plugin: int8 | int4 [--group-size 32/64/128, --asymmetric] | nf4 [--group-size] | fp8 | "
-    "llm-int8 | gptq [--bits 4/8, --group-size, --asymmetric, --act-order] | daq [--codebook nf4/fp4, --group-size] | "
+    "llm-int8 | gptq [--bits 4/8, --group-size, --asymmetric, --no-act-order] | daq [--codebook nf4/fp4, --group-size] | "
     "mixed (--target-bits B | --target-size BYTES)."
 )
 
@@ -26,7 +26,7 @@ def quantize(
     group_size: Optional[int] = typer.Option(None, "--group-size", "-g", help="Weights per scale (int4/gptq: 128, nf4/daq: 64)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="int4/gptq: a zero point per group (default symmetric)."),
     bits: Optional[int] = typer.Option(None, "--bits", help="gptq: 4 (default) or 8."),
-    act_order: bool = typer.Option(False, "--act-order", help="gptq: quantise the most active input features first."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="gptq: quantise the most active input features first (default on)."),
     codebook: Optional[str] = typer.Option(None, "--codebook", help="daq: nf4 (default) or fp4."),
     target_bits: Optional[float] = typer.Option(None, "--target-bits", help="mixed: average bits per quantised weight."),
     target_size: Optional[int] = typer.Option(None, "--target-size", help="mixed: size of the output's weights, in bytes."),

@@ -22,7 +22,7 @@ class QuantizeArgs:
     group_size: int | None = None
     asymmetric: bool = False
     bits: int | None = None
-    act_order: bool = False
+    act_order: bool | None = None  # None: the scheme's default
     codebook: str | None = None
     target_bits: float | None = None
     target_size: int | None = None
