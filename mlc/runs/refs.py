@@ -36,6 +36,9 @@ def resolve(ref: str, runs_root: Path) -> ResolvedRef:
         return _artifact_of(Path(runs[0]["path"]), artifact or None, ref)
     path = Path(ref).expanduser()
     if not path.exists():
+        if "/" not in ref and any(p.name == ref or p.name.endswith("-" + ref) for p in index.run_dirs(runs_root)):
+            # A bare run id is not taken as a run on a guess (a file of that name may appear later): say how.
+            raise InputError(f"{ref} is not a path, but it is a run id", f"refer to the run as run:{ref}")
         raise InputError(f"{ref} does not exist", "give a path, or a reference like run:<id>/<artifact> or latest:<command>")
     return ResolvedRef(path.absolute())
 

@@ -132,6 +132,9 @@ def test_references_resolve_paths_run_ids_artifacts_and_latest(runs_root: Path, 
         resolve("latest:merge", runs_root)
     with pytest.raises(InputError, match="does not exist"):
         resolve(str(tmp_path / "missing"), runs_root)
+    with pytest.raises(InputError, match="is not a path, but it is a run id") as bare:
+        resolve(first.id, runs_root)  # a bare id (from `mlc runs ls`) gets told the run: form
+    assert bare.value.hint == f"refer to the run as run:{first.id}"
 
 
 def test_lineage_follows_artifacts_back_through_runs(runs_root: Path, tmp_path: Path):
