@@ -36,6 +36,23 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+def stacked_linear(*parts: nn.Module) -> Linear | None:
+    """One Linear whose output is the parts' outputs side by side (their weights and biases stacked).
+
+    None when any part is not a plain mlc Linear: quantised or adapted projections keep their own modules.
+    """
+    if not all(type(m) is Linear for m in parts):
+        return None
+    first = parts[0]
+    fused = Linear(first.in_features, sum(m.out_features for m in parts), bias=first.bias is not None)
+    fused.to(device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([m.weight for m in parts]))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([m.bias for m in parts]))
+    return fused
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -63,15 +80,9 @@ class Attention(nn.Module):
 
     def fuse_qkv(self) -> bool:
         """Replace q/k/v_proj by one Linear over their stacked weights (inference only; see fuse_projections)."""
-        parts = (self.q_proj, self.k_proj, self.v_proj)
-        if not all(type(m) is Linear for m in parts):  # quantised or adapted projections keep their own modules
+        fused = stacked_linear(self.q_proj, self.k_proj, self.v_proj)
+        if fused is None:
             return False
-        fused = Linear(self.q_proj.in_features, sum(m.out_features for m in parts), bias=self.q_proj.bias is not None)
-        fused.to(device=self.q_proj.weight.device, dtype=self.q_proj.weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([m.weight for m in parts]))
-            if fused.bias is not None:
-                fused.bias.copy_(torch.cat([m.bias for m in parts]))
         self.qkv_proj = fused
         del self.q_proj, self.k_proj, self.v_proj
         return True
@@ -106,15 +117,9 @@ class MLP(nn.Module):
 
     def fuse_gate_up(self) -> bool:
         """Replace gate_proj and up_proj by one Linear over their stacked weights (inference only)."""
-        if not (type(self.gate_proj) is Linear and type(self.up_proj) is Linear):
+        fused = stacked_linear(self.gate_proj, self.up_proj)
+        if fused is None:
             return False
-        gate, up = self.gate_proj, self.up_proj
-        fused = Linear(gate.in_features, 2 * gate.out_features, bias=gate.bias is not None)
-        fused.to(device=gate.weight.device, dtype=gate.weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(torch.cat([gate.weight, up.weight]))
-            if fused.bias is not None:
-                fused.bias.copy_(torch.cat([gate.bias, up.bias]))
         self.gate_up_proj = fused
         del self.gate_proj, self.up_proj
         return True

@@ -36,7 +36,7 @@ def resolve(ref: str, runs_root: Path) -> ResolvedRef:
         return _artifact_of(Path(runs[0]["path"]), artifact or None, ref)
     path = Path(ref).expanduser()
     if not path.exists():
-        if "/" not in ref and any(p.name == ref or p.name.endswith("-" + ref) for p in index.run_dirs(runs_root)):
+        if "/" not in ref and any(_names_run(p, ref) for p in index.run_dirs(runs_root)):
             # A bare run id is not taken as a run on a guess (a file of that name may appear later): say how.
             raise InputError(f"{ref} is not a path, but it is a run id", f"refer to the run as run:{ref}")
         raise InputError(f"{ref} does not exist", "give a path, or a reference like run:<id>/<artifact> or latest:<command>")
@@ -47,8 +47,8 @@ def find_run(runs_root: Path, key: str) -> Path:
     """A run directory by full id, short id, or unique prefix."""
     if not key:
         raise InputError("empty run id in reference", "use run:<id>, e.g. run:3fa2c1")
-    candidates = [p for p in index.run_dirs(runs_root) if p.name == key or p.name.startswith(key) or p.name.endswith("-" + key)]
-    exact = [p for p in candidates if p.name == key or p.name.endswith("-" + key)]
+    candidates = [p for p in index.run_dirs(runs_root) if _names_run(p, key) or p.name.startswith(key)]
+    exact = [p for p in candidates if _names_run(p, key)]
     if len(exact) == 1:
         return exact[0]
     if len(candidates) == 1:
@@ -56,6 +56,11 @@ def find_run(runs_root: Path, key: str) -> Path:
     if not candidates:
         raise InputError(f"no run {key!r} under {runs_root}", "list runs with `mlc runs ls`")
     raise InputError(f"run id {key!r} is ambiguous ({len(candidates)} runs match)", "give more of the id")
+
+
+def _names_run(run_dir: Path, key: str) -> bool:
+    """key is the run's full id or its short id (the part after the last dash)."""
+    return run_dir.name == key or run_dir.name.endswith("-" + key)
 
 
 def _artifact_of(run_path: Path, artifact: str | None, ref: str) -> ResolvedRef:

@@ -152,6 +152,7 @@ dtype: float32
 def lifecycle(work: Path, base_steps: int, chat_steps: int, moe_steps: int) -> list[Stage]:
     """The stages in order; references like latest:train resolve against the demo's runs root."""
     merged, quantized, moe = work / "merged", work / "merged-int8", work / "moe"
+    eval_args = ["--data", str(data.eval_text_path()), "--context", "128", "--stride", "64"]
     return [
         Stage("base", "pretrain the tiny model (1 process)", ["train", str(work / "base.toml")], {"base.toml": lambda r: base_config(base_steps)}),
         Stage(
@@ -161,9 +162,10 @@ def lifecycle(work: Path, base_steps: int, chat_steps: int, moe_steps: int) -> l
             {"chat.toml": lambda r: chat_config(chat_steps, r["base"])},
         ),
         Stage("merge", "SLERP-merge base and chat", ["merge", str(work / "merge.yml"), "--out", str(merged)], {"merge.yml": merge_yaml}),
-        Stage("eval-base", "held-out perplexity of base", ["eval", "@base", "--data", str(data.eval_text_path()), "--context", "128", "--stride", "64"]),
-        Stage("eval-chat", "held-out perplexity of chat", ["eval", "@chat", "--data", str(data.eval_text_path()), "--context", "128", "--stride", "64"]),
-        Stage("eval-merge", "held-out perplexity of the merge", ["eval", str(merged), "--data", str(data.eval_text_path()), "--context", "128", "--stride", "64"]),
+        # Windows of the 128 tokens the demo trains on (longer ones would judge positions it never saw).
+        Stage("eval-base", "held-out perplexity of base", ["eval", "@base", *eval_args]),
+        Stage("eval-chat", "held-out perplexity of chat", ["eval", "@chat", *eval_args]),
+        Stage("eval-merge", "held-out perplexity of the merge", ["eval", str(merged), *eval_args]),
         Stage("quantize", "int8 weight-only quantisation", ["quantize", str(merged), "--scheme", "int8", "--out", str(quantized)]),
         Stage("upcycle", "upcycle the merge to 4 experts, top-2", ["upcycle", str(merged), "--out", str(moe), "-E", "4", "-k", "2"]),
         Stage("moe-train", "train the MoE a few steps", ["train", str(work / "moe.toml")], {"moe.toml": lambda r: moe_config(moe_steps, moe)}),
