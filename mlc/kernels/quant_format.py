@@ -17,7 +17,9 @@ mlc (quant_method "mlc", format_version 1): for schemes with no standard layout.
     `<name>.weight_zero` [N, K/G] when "zero" is true. w = codebook[code] * scale (+ zero), with the
     16 code book values listed in the layer's entry.
   kind "llm_int8": `<name>.weight` int8 [N, K] (zero in outlier columns), `<name>.weight_scale`
-    [N, 1], `<name>.outlier_cols` int64 [n], `<name>.outlier_weight` fp16 [N, n].
+    [N, 1], `<name>.outlier_cols` int64 [n], `<name>.outlier_weight` fp16 [N, n]; the entry's
+    "activations" says how the run time quantises activation rows: "zeropoint" or "absmax" (the
+    default when absent).
   kind "int" and "fp8" entries use the compressed-tensors tensors above, so one mlc directory may
   mix kinds. config: {"quant_method": "mlc", "format_version": 1, "scheme": ...,
   "layers": {name: {"kind": ..., ...}}, "ignore": [...]}.
@@ -48,6 +50,7 @@ class LayerSpec:
     codebook: tuple[float, ...] | None = None
     codebook_name: str | None = None
     zero: bool = False
+    activation_zero_point: bool = False  # llm_int8: activation rows quantised with a zero point
 
 
 def spec_of(w: QuantWeight) -> LayerSpec:
@@ -58,7 +61,7 @@ def spec_of(w: QuantWeight) -> LayerSpec:
     if isinstance(w, CodebookWeight):
         values = tuple(float(v) for v in w.codebook.tolist())
         return LayerSpec("codebook", 4, w.group_size, w.zero is None, values, w.name, w.zero is not None)
-    return LayerSpec("llm_int8")
+    return LayerSpec("llm_int8", activation_zero_point=w.activation_zero_point)
 
 
 # ---- tensors ---------------------------------------------------------------------------------------
@@ -107,7 +110,8 @@ def read_layer(name: str, spec: LayerSpec, read: Callable[[str], torch.Tensor]) 
         return CodebookWeight(codes, codebook, read(f"{name}.weight_scale"), zero, spec.group_size, spec.codebook_name or "custom")
     if spec.kind == "llm_int8":
         return OutlierInt8Weight(
-            read(f"{name}.weight"), read(f"{name}.weight_scale"), read(f"{name}.outlier_cols"), read(f"{name}.outlier_weight")
+            read(f"{name}.weight"), read(f"{name}.weight_scale"), read(f"{name}.outlier_cols"), read(f"{name}.outlier_weight"),
+            spec.activation_zero_point,
         )
     raise ValueError(f"unknown layer kind {spec.kind!r}")
 
@@ -162,6 +166,8 @@ def quantization_config(specs: dict[str, LayerSpec], ignore: list[str], scheme: 
             entry.update(bits=spec.bits, group_size=spec.group_size, symmetric=spec.symmetric)
         elif spec.kind == "codebook":
             entry.update(codebook=spec.codebook_name, values=list(spec.codebook or ()), group_size=spec.group_size, zero=spec.zero)
+        elif spec.kind == "llm_int8":
+            entry.update(activations="zeropoint" if spec.activation_zero_point else "absmax")
         layers[name] = entry
     return {"quant_method": "mlc", "format_version": MLC_FORMAT_VERSION, "scheme": scheme, "layers": layers,
             "ignore": ignore, **(extra or {})}
@@ -186,6 +192,11 @@ def layer_specs(qconfig: dict[str, Any], linear_names: list[str]) -> dict[str, L
                 out[name] = LayerSpec("int", e["bits"], e["group_size"], e["symmetric"])
             elif kind == "codebook":
                 out[name] = LayerSpec("codebook", 4, e["group_size"], not e["zero"], tuple(e["values"]), e["codebook"], e["zero"])
+            elif kind == "llm_int8":
+                activations = e.get("activations", "absmax")
+                if activations not in ("absmax", "zeropoint"):
+                    raise ValueError(f"llm_int8 activations {activations!r} is not absmax or zeropoint")
+                out[name] = LayerSpec(kind, activation_zero_point=activations == "zeropoint")
             else:
                 out[name] = LayerSpec(kind)
         return out

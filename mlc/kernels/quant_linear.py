@@ -204,11 +204,13 @@ class OutlierInt8Linear(QuantLinear):
     def _load(self, w: OutlierInt8Weight) -> None:
         self.q, self.scale = w.q.contiguous(), w.scale
         self.outlier_cols, self.outlier_weight = w.outlier_cols, w.outlier_weight
+        self.activation_zero_point = w.activation_zero_point
         self.path = "int_mm" if w.q.device.type == "cpu" else "dequant"
         self._scale_bf16 = w.scale.reshape(-1).to(torch.bfloat16)
+        self._q_row_sums = w.q.to(torch.int32).sum(dim=1)  # undoes the int8 shift of zero-point activations
 
     def quant_weight(self) -> OutlierInt8Weight:
-        return OutlierInt8Weight(self.q, self.scale, self.outlier_cols, self.outlier_weight)
+        return OutlierInt8Weight(self.q, self.scale, self.outlier_cols, self.outlier_weight, self.activation_zero_point)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, exact=True)
@@ -217,16 +219,36 @@ class OutlierInt8Linear(QuantLinear):
         x = x.float()
         outliers = x[:, self.outlier_cols] @ self.outlier_weight.float().T
         ordinary = x.index_fill(1, self.outlier_cols, 0.0)
-        row_scale = ordinary.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
-        xq = torch.round(ordinary / row_scale)
+        xq, row_scale, shift = self._quantise_rows(ordinary)
         if exact or self.path == "dequant":
             acc = xq @ self.q.float().T * self.scale.reshape(-1).float()
         elif x.shape[0] < PREFILL_ROWS:
-            # int8 values are exact in bf16 and the kernel accumulates in fp32: the same integer dot products.
+            # Integers up to 255 in magnitude are exact in bf16 and the kernel accumulates in fp32: the same
+            # integer dot products, without the int8 shift.
             acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.q, self._scale_bf16).float()
         else:
-            acc = torch._int_mm(xq.to(torch.int8), self.q.T).float() * self.scale.reshape(-1).float()
+            dots = torch._int_mm((xq + shift).to(torch.int8), self.q.T)
+            if self.activation_zero_point:
+                dots = dots - shift.to(torch.int32) * self._q_row_sums
+            acc = dots.float() * self.scale.reshape(-1).float()
         return acc * row_scale + outliers
+
+    def _quantise_rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | int]:
+        """(integer-valued xq, row scale, int8 shift): x ~ xq * scale per row, and xq + shift fits int8.
+
+        Absmax: xq in [-127, 127], no shift. Zero point (LLM.int8's "zeropoint" variant, its best on
+        small models): the row's range [min(x, 0), max(x, 0)] in 255 steps, so a skewed row gets up to
+        twice the resolution; xq lies in [-zero, 255 - zero] and shifts into int8 by zero - 128.
+        """
+        if not self.activation_zero_point:
+            row_scale = x.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+            return torch.round(x / row_scale), row_scale, 0
+        lo = x.amin(dim=1, keepdim=True).clamp(max=0.0)
+        hi = x.amax(dim=1, keepdim=True).clamp(min=0.0)
+        row_scale = ((hi - lo) / 255.0).clamp_min(1e-12)
+        zero = torch.round(-lo / row_scale)
+        xq = torch.minimum(torch.maximum(torch.round(x / row_scale), -zero), 255.0 - zero)
+        return xq, row_scale, zero - 128.0
 
 
 MODULES: dict[type, type[QuantLinear]] = {

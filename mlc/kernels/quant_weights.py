@@ -116,13 +116,16 @@ class OutlierInt8Weight:
     """LLM.int8(): int8 rows (absmax per output row) for ordinary input features, 16-bit columns for outliers.
 
     w[:, c] = q[:, c] * scale for c not in outlier_cols; w[:, outlier_cols] = outlier_weight.
-    At run time the activations' ordinary features are also quantised to int8, per row (vector-wise).
+    At run time the activations' ordinary features are also quantised to 8 bits, per row (vector-wise):
+    with a zero point (the row's range [min, max] in 255 steps) when activation_zero_point is set,
+    else symmetric (absmax / 127).
     """
 
     q: torch.Tensor  # int8 [N, K], zero in the outlier columns
     scale: torch.Tensor  # [N, 1]
     outlier_cols: torch.Tensor  # int64 [n_outliers], sorted
     outlier_weight: torch.Tensor  # 16-bit [N, n_outliers]
+    activation_zero_point: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:

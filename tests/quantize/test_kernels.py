@@ -34,19 +34,35 @@ def _weights() -> dict[str, object]:
         "fp8": Fp8Weight(torch.randn(N, K, generator=g).to(torch.float8_e4m3fn), torch.rand(N, 1, generator=g) * 0.01),
         "llm-int8": OutlierInt8Weight(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g).index_fill(1, outliers, 0),
                                       torch.rand(N, 1, generator=g) * 0.01, outliers, torch.randn(N, 2, generator=g).half()),
+        "llm-int8-zp": OutlierInt8Weight(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g).index_fill(1, outliers, 0),
+                                         torch.rand(N, 1, generator=g) * 0.01, outliers, torch.randn(N, 2, generator=g).half(),
+                                         activation_zero_point=True),
     }
 
 
 def _reference(w, x: torch.Tensor) -> torch.Tensor:
     if isinstance(w, OutlierInt8Weight):  # LLM.int8() also rounds the ordinary activations, per row
-        ordinary = x.index_fill(1, w.outlier_cols, 0.0)
-        s = ordinary.abs().amax(1, keepdim=True) / 127
-        x = (torch.round(ordinary / s) * s).index_copy(1, w.outlier_cols, x[:, w.outlier_cols])
+        x = _round_activations(w, x)
     return x @ w.dequantize(torch.float32).T
 
 
+def _round_activations(w: OutlierInt8Weight, x: torch.Tensor) -> torch.Tensor:
+    """The activations LLM.int8() multiplies: ordinary features on a per-row 8-bit grid, outliers as they are."""
+    ordinary = x.index_fill(1, w.outlier_cols, 0.0)
+    if w.activation_zero_point:  # 255 steps over [min(x, 0), max(x, 0)], integer zero point
+        lo, hi = ordinary.amin(1, keepdim=True).clamp(max=0), ordinary.amax(1, keepdim=True).clamp(min=0)
+        s = (hi - lo) / 255
+        zero = torch.round(-lo / s)
+        rounded = torch.clamp(torch.round(ordinary / s) + zero, 0, 255) - zero
+    else:
+        s = ordinary.abs().amax(1, keepdim=True) / 127
+        rounded = torch.round(ordinary / s)
+    return (rounded * s).index_copy(1, w.outlier_cols, x[:, w.outlier_cols])
+
+
 EXPECTED_PATHS = {"int4-sym": "int4pack", "int4-asym": "int4pack", "int4-odd-rows": "dequant", "int8": "int8pack",
-                  "nf4": "dequant", "nf4-daq": "dequant", "fp8": "dequant", "llm-int8": "int_mm"}
+                  "nf4": "dequant", "nf4-daq": "dequant", "fp8": "dequant", "llm-int8": "int_mm",
+                  "llm-int8-zp": "int_mm"}
 
 
 @pytest.mark.parametrize("kind", list(EXPECTED_PATHS))
@@ -107,3 +123,16 @@ def test_gpu_path_matches_dequantise_then_matmul(kind, dtype):
     got = module(x.to("cuda", dtype)).float().cpu()
     assert (got - ref).abs().max() <= 2e-2 * ref.abs().max()
     assert torch.equal(module.to("cpu").dequantize(), w.dequantize())
+
+
+@pytest.mark.parametrize("rows", [1, 64])  # the bf16 decode kernel and the shifted int8 _int_mm
+def test_zero_point_activations_halve_the_error_on_skewed_rows(rows):
+    """A row of mostly positive activations (as after SiLU or a biased norm) uses the whole 8-bit range."""
+    w = _weights()["llm-int8-zp"]
+    absmax = OutlierInt8Weight(w.q, w.scale, w.outlier_cols, w.outlier_weight)
+    x = torch.rand(rows, K, generator=torch.Generator().manual_seed(5)) * 4 - 0.2
+    exact = x @ w.dequantize(torch.float32).T
+    err_zp = (ql.quant_linear(w)(x) - exact).norm()
+    err_absmax = (ql.quant_linear(absmax)(x) - exact).norm()
+    assert torch.allclose(ql.quant_linear(w)(x), _reference(w, x), rtol=1e-2, atol=1e-2 * exact.abs().max().item())
+    assert err_zp < 0.7 * err_absmax

@@ -124,8 +124,10 @@ def test_llm_int8_reloads_with_outlier_columns(outputs):
 
     out, report = outputs["llm-int8"]
     model = load_model(out)
-    assert all(m.path == "int_mm" for m in quant_modules(model).values())
+    assert all(m.path == "int_mm" and m.activation_zero_point for m in quant_modules(model).values())
     assert report["layers_quantized"] == 28
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    assert {e["activations"] for e in layers.values()} == {"zeropoint"}
 
 
 # Not int4-asym: transformers 5.24 with compressed-tensors 0.20 sizes weight_zero_point unpacked while
