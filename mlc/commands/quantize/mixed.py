@@ -20,12 +20,15 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mlc.commands.quantize.rtn import quantize_int
 from mlc.errors import InputError
 from mlc.io.safetensors_reader import ModelTensors
 
-FISHER_BATCH = 1  # sequences per backward pass: the logits and activations of one 512-token window
+FISHER_BATCH = 1  # sequences per backward pass
+LOSS_CHUNK = 128  # positions whose logits exist at once in the Fisher pass
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,39 @@ def candidates_for(k: int) -> list[Candidate]:
     return [c for c in CANDIDATES if c.group_size is None or k % c.group_size == 0]
 
 
+class _Recomputed(nn.Module):
+    """A decoder block whose activations are recomputed in the backward pass instead of kept."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, *args: Any) -> Any:
+        return checkpoint(self.block, *args, use_reentrant=False)
+
+
+def _next_token_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, with the head's logits made and recomputed LOSS_CHUNK positions at a time.
+
+    Whole-window logits (512 x 49k in fp32, and their gradient) would be the largest tensors of the pass.
+    """
+    hidden = model(batch, skip_logits=True).last_hidden_state[:, :-1].flatten(0, 1)
+    targets = batch[:, 1:].flatten()
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model.lm_head(h).float(), t, reduction="sum")
+
+    total = sum(checkpoint(chunk_loss, hidden[i : i + LOSS_CHUNK], targets[i : i + LOSS_CHUNK], use_reentrant=False)
+                for i in range(0, len(targets), LOSS_CHUNK))
+    return total / len(targets)
+
+
 def fisher_diagonal(model_dir: Any, tokens: torch.Tensor, names: list[str], progress: Callable[[int, int], None] | None = None) -> dict[str, torch.Tensor]:
-    """E[g^2] of each named Linear's weight over the calibration windows (batches of FISHER_BATCH)."""
+    """E[g^2] of each named Linear's weight over the calibration windows (batches of FISHER_BATCH), in bf16.
+
+    Memory stays near the bf16 model plus these accumulators: blocks are recomputed in the backward
+    pass, logits exist a chunk at a time, and each gradient is folded in and freed as soon as it exists.
+    """
     from mlc.models import load_model
 
     model = load_model(model_dir, dtype=torch.bfloat16)
@@ -60,21 +94,24 @@ def fisher_diagonal(model_dir: Any, tokens: torch.Tensor, names: list[str], prog
             p.grad = None
 
         w.register_post_accumulate_grad_hook(fold)
+    blocks = model.model.layers
+    for i, block in enumerate(blocks):
+        blocks[i] = _Recomputed(block)
     batches = list(torch.split(tokens, FISHER_BATCH))
     for i, batch in enumerate(batches):
-        logits = model(batch).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
-        loss.backward()
+        _next_token_loss(model, batch).backward()
         if progress:
             progress(i + 1, len(batches))
-    return {n: f.float() / len(batches) for n, f in fisher.items()}
+    for f in fisher.values():
+        f.div_(len(batches))
+    return fisher
 
 
 def sensitivity(weight: torch.Tensor, fisher: torch.Tensor, candidate: Candidate) -> tuple[float, int]:
     """(estimated loss increase, bytes on disk) of one layer at one setting."""
     q = quantize_int(weight, candidate.bits, candidate.group_size, symmetric=True)
     err = (weight.float() - q.dequantize()).square()
-    return 0.5 * float((fisher * err).sum()), q.storage_bits() // 8
+    return 0.5 * float((fisher.float() * err).sum()), q.storage_bits() // 8
 
 
 def allocate(costs: dict[str, list[tuple[Candidate, float, int]]], budget_bytes: int) -> dict[str, Candidate]:
@@ -114,6 +151,7 @@ def plan_mixed(
     for name in targets:
         w = tensors.read(f"{name}.weight" if f"{name}.weight" in tensors else "model.embed_tokens.weight", torch.float32)
         costs[name] = [(c, *sensitivity(w, fisher[name], c)) for c in candidates_for(w.shape[1])]
+        del fisher[name]  # each layer's F is done with once costed
     smallest = sum(min(b for _, _, b in c) for c in costs.values())
     if budget < smallest:
         what = f"--target-bits {target_bits}" if target_bits is not None else f"--target-size {target_size}"
