@@ -262,3 +262,25 @@ MODULES: dict[type, type[QuantLinear]] = {
 def quant_linear(weight: QuantWeight, bias: torch.Tensor | None = None) -> QuantLinear:
     """The module that computes with this quantised weight on its device's fastest path."""
     return MODULES[type(weight)](weight, bias)
+
+
+def stacked_int_linear(parts: list[nn.Module]) -> IntLinear | None:
+    """One IntLinear whose output is the parts' outputs side by side; None unless all are alike IntLinears.
+
+    The parts' integer weights, scales and zero points are stacked along the output dimension and laid
+    out afresh, so the stacked module takes the same kernel path as each part would (for int4, when the
+    parts' rows fill whole kernel tiles).
+    """
+    if not parts or not all(type(m) is IntLinear and not m.exact for m in parts):
+        return None
+    weights = [m.quant_weight() for m in parts]
+    first = weights[0]
+    if any((w.bits, w.group_size, w.symmetric, w.shape[1]) != (first.bits, first.group_size, first.symmetric, first.shape[1]) for w in weights):
+        return None
+    if any((m.bias is None) != (parts[0].bias is None) for m in parts):
+        return None
+    zero_point = None if first.symmetric else torch.cat([w.zero_point for w in weights])
+    stacked = IntWeight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), zero_point, first.bits, first.group_size)
+    bias = torch.cat([m.bias for m in parts]) if parts[0].bias is not None else None
+    fused = IntLinear(stacked, bias)
+    return fused if fused.path == parts[0].path else None

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlc.kernels import native
 from mlc.models.config import ModelConfig
 from mlc.models.kvcache import AttentionCache, causal_attention
 from mlc.models.rope import RotaryTable, apply_rope
@@ -23,26 +24,34 @@ class Linear(nn.Linear):
 
     torch's CPU GEMM for a single bf16 row is slow: F.linear of a 1536x576 bf16 weight took 67 us here
     against 34 us for torch.mv on the same weight, and a SmolLM2 decode step went from 46 to 36 ms.
+    Without autograd, a bf16 row goes to mlc's AVX512_BF16 kernel where the CPU has one (kernels/native).
     fp32, several rows and GPUs take F.linear as before. Being an nn.Linear, quantisation swaps it and
     peft wraps it like any other.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and x.numel() == x.shape[-1]:
-            y = torch.mv(self.weight, x.reshape(-1))
+            y = None
+            if x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+                y = native.gemv_bf16(self.weight, x.reshape(-1))
+            if y is None:
+                y = torch.mv(self.weight, x.reshape(-1))
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], y.shape[0])
         return F.linear(x, self.weight, self.bias)
 
 
-def stacked_linear(*parts: nn.Module) -> Linear | None:
+def stacked_linear(*parts: nn.Module) -> nn.Module | None:
     """One Linear whose output is the parts' outputs side by side (their weights and biases stacked).
 
-    None when any part is not a plain mlc Linear: quantised or adapted projections keep their own modules.
+    Integer-quantised parts of one setting stack into one quantised Linear. None for anything else
+    (other quantised kinds, LoRA-wrapped projections): those keep their own modules.
     """
     if not all(type(m) is Linear for m in parts):
-        return None
+        from mlc.kernels.quant_linear import stacked_int_linear
+
+        return stacked_int_linear(list(parts))
     first = parts[0]
     fused = Linear(first.in_features, sum(m.out_features for m in parts), bias=first.bias is not None)
     fused.to(device=first.weight.device, dtype=first.weight.dtype)
@@ -51,6 +60,9 @@ def stacked_linear(*parts: nn.Module) -> Linear | None:
         if fused.bias is not None:
             fused.bias.copy_(torch.cat([m.bias for m in parts]))
     return fused
+
+
+NATIVE_NORM_MAX_ROWS = 64  # more rows (prefill) amortise torch's per-op cost and use its threads
 
 
 class RMSNorm(nn.Module):
@@ -62,6 +74,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        if x.numel() <= NATIVE_NORM_MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (
+            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        ):
+            y = native.rms_norm_bf16(x, self.weight, self.eps)  # a decode step: one call instead of seven ops
+            if y is not None:
+                return y
         # Half precision: normalise in fp32, round, then scale, in transformers' order, so bf16 logits agree.
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
@@ -293,7 +311,8 @@ def fuse_projections(model: nn.Module) -> int:
 
     For inference only (the serving engine): the model then runs 4 matmuls per layer instead of 7, which
     matters at batch 1 on a CPU, where each small matmul has a fixed cost. The model's state_dict changes
-    names, so a fused model is not saved. Quantised and LoRA-wrapped projections are left as they are.
+    names, so a fused model is not saved. Integer-quantised projections stack too; other quantised kinds
+    and LoRA-wrapped projections are left as they are.
     Returns how many modules were fused.
     """
     fused = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from mlc.kernels import native
 from mlc.models import KVCache, build_model, load_model, save_model
 
 TINY = {
@@ -29,7 +30,8 @@ def test_last_position_logits_never_copy_the_output_head(tmp_path):
         ops = _ops(lambda: model(ids, logits_to_keep=1))
     assert ops.get("aten::bmm", 0) == 0
     assert ops["aten::mm"] == 2 * 7  # seven projections per layer over 16 rows
-    assert ops["aten::mv"] == 1  # the head over the one kept row: a bf16 matrix-vector product, no copy
+    # The head over the one kept row: a bf16 matrix-vector product (mlc's kernel where built), no copy.
+    assert ops.get("aten::mv", 0) == (0 if native.available() else 1)
     assert ops.get("aten::clone", 0) == 0 and ops.get("aten::contiguous", 0) == 0
 
 

@@ -136,3 +136,25 @@ def test_zero_point_activations_halve_the_error_on_skewed_rows(rows):
     err_absmax = (ql.quant_linear(absmax)(x) - exact).norm()
     assert torch.allclose(ql.quant_linear(w)(x), _reference(w, x), rtol=1e-2, atol=1e-2 * exact.abs().max().item())
     assert err_zp < 0.7 * err_absmax
+
+
+@pytest.mark.parametrize("kind", ["int4-sym", "int4-asym", "int8"])
+def test_stacked_int_linear_equals_its_parts_side_by_side(kind):
+    """q/k/v (and gate/up) of one integer setting stack into one module on the same kernel path."""
+    from mlc.models.transformer import stacked_linear
+
+    parts = [ql.quant_linear(_weights()[kind]) for _ in range(2)] + [ql.quant_linear(_int4(kind == "int4-sym", n=64))
+                                                                    if kind != "int8" else ql.quant_linear(_weights()["int8"])]
+    fused = stacked_linear(*parts)
+    assert fused is not None and fused.path == parts[0].path
+    for rows in (1, 3, 32):
+        x = torch.randn(rows, K, generator=torch.Generator().manual_seed(rows))
+        assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+
+
+def test_unlike_settings_do_not_stack():
+    from mlc.models.transformer import stacked_linear
+
+    assert stacked_linear(ql.quant_linear(_int4(True)), ql.quant_linear(_int4(False))) is None
+    assert stacked_linear(ql.quant_linear(_weights()["nf4"]), ql.quant_linear(_weights()["nf4"])) is None

@@ -1,0 +1,138 @@
+"""Small C kernels, compiled on first use for the CPU they run on and loaded with ctypes.
+
+torch's CPU kernels cover almost everything mlc needs; this covers the spots of a bf16 decode step
+where they are far from the hardware (gemv_bf16.c, see benchmarks/RESULTS.md): the matrix-vector
+product (faster than torch.mv on AVX512_BF16 CPUs) and RMSNorm of a few rows (one call instead of
+torch's seven small ops). The library is built with the system C compiler
+(`cc -O3 -march=native`, under a second) into the mlc cache, keyed by the source, the compiler and
+the CPU, so a cache shared between machines never runs code built for another CPU. Where it cannot
+be built (no compiler, no AVX512_BF16, MLC_NATIVE_KERNELS=0) callers fall back to torch, and the
+reason is kept in `unavailable_reason()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gemv_bf16.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_identity() -> str:
+    """The CPU's model and feature flags: what -march=native compiles for."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    wanted = ("model name", "flags")
+    lines = [line for line in text.splitlines() if line.split(":")[0].strip() in wanted]
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _has_avx512_bf16() -> bool:
+    return "avx512_bf16" in _cpu_identity().split()
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
+        os.replace(out, target)  # atomic: a concurrent process sees the old library or the whole new one
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("MLC_NATIVE_KERNELS", "1") == "0":
+        _state["reason"] = "disabled by MLC_NATIVE_KERNELS=0"
+        return None
+    if platform.machine() not in ("x86_64", "AMD64") or not _has_avx512_bf16():
+        _state["reason"] = "the CPU has no AVX512_BF16"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        _state["reason"] = "no C compiler (cc or gcc) on PATH"
+        return None
+    from mlc.paths import cache_dir
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"gemv_bf16-{key}.so"
+    try:
+        if not target.is_file():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as e:
+        _state["reason"] = f"could not build {SOURCE.name}: {e}"
+        log.warning("native kernels unavailable, using torch: %s", _state["reason"])
+        return None
+    fn = lib.mlc_gemv_bf16
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn.restype = None
+    fn = lib.mlc_rms_norm_bf16
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    fn.restype = None
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def unavailable_reason() -> str | None:
+    _library()
+    return _state.get("reason")  # type: ignore[return-value]
+
+
+def gemv_bf16(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+    """weight [N, K] @ x [K] for contiguous bf16 CPU tensors, as a bf16 [N]; None where the kernel is not available.
+
+    No autograd: callers use it for inference only.
+    """
+    lib = _library()
+    if lib is None or not weight.is_contiguous() or not x.is_contiguous():
+        return None
+    n, k = weight.shape
+    y = torch.empty(n, dtype=torch.bfloat16)
+    lib.mlc_gemv_bf16(weight.data_ptr(), x.data_ptr(), y.data_ptr(), n, k, torch.get_num_threads())
+    return y
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dimension of a contiguous bf16 CPU x with a bf16 weight; None where not available.
+
+    Rounds like transformers' bf16 order (normalise in fp32, round, scale, round). No autograd.
+    """
+    lib = _library()
+    if lib is None or not x.is_contiguous() or weight.dtype != torch.bfloat16 or not weight.is_contiguous():
+        return None
+    dim = x.shape[-1]
+    y = torch.empty_like(x)
+    lib.mlc_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    return y
+
