@@ -1,10 +1,11 @@
 """mlc serve against transformers `generate` and llama.cpp on SmolLM2-135M, in one run.
 
-    .venv/bin/python benchmarks/serve_vs_peers.py [--reps 3] [--decode-tokens 128] [--skip-llamacpp]
+    .venv/bin/python benchmarks/serve_vs_peers.py [--reps 3] [--decode-tokens 128] [--skip-llamacpp] [--compile]
 
 Batch-1 decode tokens/s: transformers fp32 and bf16, llama.cpp (llama-cpp-python, Q4_1 GGUF, the same
 file the real-model test fixture converts), and mlc's engine in bf16, int8 and int4 (quantised by
-`mlc quantize`, RTN). Decode rate = (N - 1) / (time of N tokens - time of 1 token), so prefill is
+`mlc quantize`, RTN), and with --compile also with its decode steps compiled (mlc serve --compile,
+compiled before timing as the server does before serving). Decode rate = (N - 1) / (time of N tokens - time of 1 token), so prefill is
 excluded for everyone. Load: 8 and 32 concurrent requests of 256 random prompt tokens and 128 output
 tokens; mlc through its HTTP server (streaming, TTFT = first streamed token), transformers as static
 batches of 8 (bf16), llama.cpp one request at a time (llama-cpp-python has no batching). Each figure is
@@ -154,7 +155,7 @@ def quantized(path: Path, scheme: str) -> Path:
     return out
 
 
-def mlc_engine(path: Path, dtype: str | None):
+def mlc_engine(path: Path, dtype: str | None, compile: bool = False):
     from mlc.commands.serve.engine import Engine, EngineConfig
     from mlc.models import load_model
     from mlc.models.tokenizer import load_tokenizer
@@ -163,15 +164,17 @@ def mlc_engine(path: Path, dtype: str | None):
 
     model = load_model(path, dtype=dtype)
     fuse_projections(model)  # as mlc serve does
-    return Engine(model, load_tokenizer(path), EngineConfig(num_blocks=512, block_size=16, max_batched_tokens=512))
+    engine = Engine(model, load_tokenizer(path), EngineConfig(num_blocks=512, block_size=16, max_batched_tokens=512, compile=compile))
+    engine.warm_up()  # as mlc serve --compile does before serving (a no-op without compile)
+    return engine
 
 
-def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int) -> tuple[float, float]:
+def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int, compile: bool = False) -> tuple[float, float]:
     """Batch-1 decode tokens/s of the engine (no HTTP), stepped in this thread: time from the first to the last token."""
     from mlc.commands.serve.engine import GenerationRequest
     from mlc.kernels.sampling import SamplingParams
 
-    engine = mlc_engine(path, dtype)
+    engine = mlc_engine(path, dtype, compile)
     prompt = list(range(1000, 1032))
 
     def once(tokens: int) -> tuple[float, float]:
@@ -188,12 +191,13 @@ def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int) -> tuple[f
     return medians(reps, lambda: once(n))
 
 
-def serve_load(path: Path, prompts: list[list[int]], concurrency: int, reps: int) -> dict[str, float]:
+def serve_load(path: Path, prompts: list[list[int]], concurrency: int, reps: int, compile: bool = False) -> dict[str, float]:
     """Aggregate output tokens/s and TTFT p50/p99 of `concurrency` streaming requests through mlc serve's HTTP API."""
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "MLC_RUNS_DIR": str(cache_dir() / "bench" / "runs")}
     proc = subprocess.Popen([sys.executable, "-m", "mlc", "serve", str(path), "--port", str(port), "--dtype", "bfloat16",
-                             "--kv-cache-memory", "1GiB", "--max-model-len", "1024"], env=env, stderr=subprocess.DEVNULL)
+                             "--kv-cache-memory", "1GiB", "--max-model-len", "1024", *(["--compile"] if compile else [])],
+                            env=env, stderr=subprocess.DEVNULL)
     try:
         while True:
             try:
@@ -259,6 +263,7 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-load", action="store_true", help="Batch-1 decode only (and llama.cpp's one-at-a-time aggregate).")
+    ap.add_argument("--compile", action="store_true", help="Also measure mlc with its decode steps compiled (mlc serve --compile).")
     args = ap.parse_args()
     torch.manual_seed(0)
     path = smollm2_hf_dir()
@@ -282,13 +287,17 @@ def main() -> None:
     row("mlc bf16 batch 1", mlc_decode_rate(path, "bfloat16", n, reps))
     row("mlc int8 batch 1", mlc_decode_rate(quantized(path, "int8"), "bfloat16", n, reps))
     row("mlc int4 batch 1", mlc_decode_rate(quantized(path, "int4"), "bfloat16", n, reps))
+    if args.compile:
+        row("mlc bf16 batch 1, compiled", mlc_decode_rate(path, "bfloat16", n, reps, compile=True))
+        row("mlc int4 batch 1, compiled", mlc_decode_rate(quantized(path, "int4"), "bfloat16", n, reps, compile=True))
     llama = None
     if not args.skip_llamacpp:
         llama = llama_cpp(gguf, n, reps, prompts[:8])
         row("llama.cpp Q4_1 batch 1", tuple(llama["decode"]))
-    print(f"mlc bf16 / transformers bf16: {ratio('mlc bf16 batch 1', 'transformers bf16 batch 1')} (target >= 1.5x)")
-    if llama:
-        print(f"mlc int4 / llama.cpp Q4_1:    {ratio('mlc int4 batch 1', 'llama.cpp Q4_1 batch 1')} (target >= 0.75x)")
+    for mode in ("", ", compiled") if args.compile else ("",):
+        print(f"mlc bf16{mode} / transformers bf16: {ratio(f'mlc bf16 batch 1{mode}', 'transformers bf16 batch 1')} (target >= 1.5x)")
+        if llama:
+            print(f"mlc int4{mode} / llama.cpp Q4_1:    {ratio(f'mlc int4 batch 1{mode}', 'llama.cpp Q4_1 batch 1')} (target >= 0.75x)")
 
     if args.skip_load:
         if llama:
@@ -301,9 +310,9 @@ def main() -> None:
     if llama:
         agg = llama["serial_aggregate"]
         print(f"llama.cpp one request at a time (8):      {agg[0]:.1f} tokens/s, {agg[1]:.1f} per CPU-s", flush=True)
-    for conc in (8, 32):
-        r = serve_load(path, prompts, conc, reps)
-        line = (f"mlc serve, {conc} concurrent: {r['aggregate']:.1f} tokens/s, {r['per_cpu_s']:.1f} per CPU-s, "
+    for conc, compile in [(8, False), (32, False)] + ([(32, True)] if args.compile else []):
+        r = serve_load(path, prompts, conc, reps, compile)
+        line = (f"mlc serve{' --compile' if compile else ''}, {conc} concurrent: {r['aggregate']:.1f} tokens/s, {r['per_cpu_s']:.1f} per CPU-s, "
                 f"TTFT p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s")
         if conc == 32:
             line += f"\n  vs transformers batch 8: {r['aggregate'] / hf8[0]:.2f}x wall, {r['per_cpu_s'] / hf8[1]:.2f}x per CPU-s (target >= 1.5x)"

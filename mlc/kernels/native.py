@@ -93,6 +93,8 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _library() -> ctypes.CDLL | None:
+    if torch.compiler.is_compiling():  # a compiled graph cannot call into ctypes: torch's ops instead
+        return None
     if "lib" not in _state:
         with _lock:
             if "lib" not in _state:

@@ -110,13 +110,15 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         if hasattr(self, "qkv_proj"):
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+            # Heads of q, k and v side by side: one rotation covers the q and k heads together.
+            qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin).split([self.n_heads, self.n_kv], dim=1)
+            v = qkv[:, self.n_heads + self.n_kv :]
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = causal_attention(q, k, v, self.window)
         else:

@@ -91,3 +91,26 @@ def test_a_repeated_prompt_reuses_its_cached_blocks_and_gives_the_same_tokens(ti
     assert final["first"].cached_tokens == 0 and final["second"].cached_tokens == 16
     assert tokens["first"] == tokens["second"] == generate(model, prompt, 6)[0]
     assert (engine.pool.prefix_queries, engine.pool.prefix_hits) == (32, 16)
+
+
+def test_compiled_decode_steps_give_the_same_greedy_tokens(tiny_hf_model):
+    """`mlc serve --compile`: decode-only steps run through torch.compile, prefill steps eagerly."""
+    from torch._dynamo.utils import counters
+
+    model = load_model(tiny_hf_model("llama"))
+    engine = Engine(model, NumberTokenizer(), EngineConfig(num_blocks=64, block_size=4, max_batched_tokens=16, compile=True))
+    compiled_before = counters["stats"]["unique_graphs"]
+    engine.warm_up()
+    assert engine._decode_forward is not None, "warm-up fell back to eager"
+    assert counters["stats"]["unique_graphs"] > compiled_before
+    assert engine.pool.num_free == 64 and engine.metrics.generation_tokens == 0  # warm-up leaves no trace
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in (5, 13, 9)]
+    out = {i: [] for i in range(len(prompts))}
+    for i, p in enumerate(prompts):
+        engine.submit(GenerationRequest(str(i), p, SamplingParams(temperature=0), max_tokens=10),
+                      lambda ev: out[int(ev.request_id)].extend(ev.token_ids))
+    engine.run_until_idle()
+    for i, p in enumerate(prompts):
+        assert out[i] == generate(model, p, 10)[0], f"prompt {i}"
+    assert engine.pool.num_free == 64

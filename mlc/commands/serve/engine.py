@@ -37,6 +37,9 @@ class EngineConfig:
     max_running: int = 128
     max_model_len: int = 2048
     enable_prefix_caching: bool = True
+    # torch.compile the steps that are all decodes (the steady state; prefill steps stay eager, so the
+    # many shapes of prompt chunks never wait on the compiler). See warm_up.
+    compile: bool = False
 
 
 @dataclass
@@ -111,6 +114,10 @@ class Engine:
         self.steps = 0
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        self._decode_forward = None
+        if config.compile:
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
+            self._decode_forward = torch.compile(model.forward)
 
     # ----- called from any thread -----
     def start(self) -> None:
@@ -175,6 +182,34 @@ class Engine:
             self.error = e
             for rid in list(self._requests):
                 self._finish_request(rid, notify=True)
+
+    def warm_up(self) -> None:
+        """Compile the decode step before the first request (with `compile`; a no-op without).
+
+        Runs throwaway requests that produce each kind of decode step a server meets: one sequence
+        (no mask), a growing context (dynamic length), and batches of several sequences of unequal
+        lengths (mask, dynamic batch size). Minutes on a small CPU; torch caches the compiled code on
+        disk, so a later start with the same model is faster. Metrics and the prefix cache are left as
+        they were.
+        """
+        if self._decode_forward is None:
+            return
+        metrics, self.metrics = self.metrics, ServeMetrics("warm-up")
+        try:
+            for batch in (1, 2, 3):
+                for i in range(batch):
+                    prompt = [(7 * j + i) % self.vocab_size for j in range(5 + 3 * i)]
+                    request = GenerationRequest(f"warm-up-{batch}-{i}", prompt, SamplingParams(temperature=0), max_tokens=4, ignore_eos=True)
+                    self.submit(request, lambda event: None)
+                self.run_until_idle()
+        except Exception as e:  # no working compiler toolchain, an unsupported op: serve eagerly instead
+            log.warning("torch.compile of the decode step failed, serving without it: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._decode_forward = None
+            for rid in list(self._requests):
+                self._finish_request(rid, notify=False)
+        finally:
+            self.metrics = metrics
+        self.reset_prefix_cache()
 
     def run_until_idle(self) -> None:
         """Step in the calling thread until every submitted request has finished (offline use, benchmarks)."""
@@ -246,7 +281,10 @@ class Engine:
                 sampled.append(seq)
         batch = PagedBatch(self.store, segments)
         input_ids = torch.tensor(ids, dtype=torch.long).unsqueeze(0)
-        out = self.model(input_ids, position_ids=batch.position_ids, cache=batch, skip_logits=True)
+        forward = self.model
+        if self._decode_forward is not None and batch.num_decodes == len(segments):
+            forward = self._decode_forward
+        out = forward(input_ids, position_ids=batch.position_ids, cache=batch, skip_logits=True)
         for seq, n in plan:
             self.scheduler.complete(seq, n)
         self.steps += 1

@@ -31,6 +31,7 @@ class ServeConfig:
     enable_prefix_caching: bool = True
     grace_period: float = 30.0
     threads: int | None = None
+    compile: bool = False
 
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 1024, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -99,7 +100,8 @@ def load_engine(cfg: ServeConfig, metrics: Any, path: Path, budget: int) -> tupl
             f"a KV cache of {budget / 2**20:.0f} MiB holds {capacity} tokens, fewer than --max-model-len {max_len}",
             "raise --kv-cache-memory or lower --max-model-len",
         )
-    config = EngineConfig(num_blocks, cfg.block_size, cfg.max_batched_tokens, cfg.max_running, max_len, cfg.enable_prefix_caching)
+    config = EngineConfig(num_blocks, cfg.block_size, cfg.max_batched_tokens, cfg.max_running, max_len, cfg.enable_prefix_caching,
+                          cfg.compile)
     grammars = GrammarFactory(tokenizer.backend.to_str(), mc.vocab_size, tokenizer.eos_token_ids)
     engine = Engine(model, tokenizer, config, metrics, grammars)
     return engine, tokenizer, grammars
@@ -131,6 +133,9 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
                 state.load_error = e
                 server.should_exit = True
                 return
+            if cfg.compile:  # /health answers 503 (loading) until the decode step is compiled
+                console.info("compiling the decode step (torch.compile; minutes on a small CPU, less once cached)")
+                engine.warm_up()
             _register_gauges(metrics, engine)
             state.tokenizer, state.grammars, state.max_model_len = tokenizer, grammars, engine.config.max_model_len
             state.engine = engine
