@@ -91,9 +91,12 @@ class PagedBatch:
         self._decode_masks: dict[int | None, torch.Tensor | None] = {}
         if self.num_decodes:
             decodes = segments[: self.num_decodes]
-            self._lens = [s.start + 1 for s in decodes]
-            self.decode_lens = torch.tensor(self._lens, device=device)
-            self.decode_max = max(self._lens)
+            lens = [s.start + 1 for s in decodes]
+            self.decode_lens = torch.tensor(lens, device=device)
+            self.decode_max = max(lens)
+            # Python values, decided here: a compiled step then guards on this one bool, not on a list
+            # whose length and contents change every step (each change would be a recompilation).
+            self._equal_lens = min(lens) == self.decode_max
             self.decode_gather = slot_table([s.blocks for s in decodes], self.decode_max, bs, device).reshape(-1)
 
         # Prefill chunks: (first token in the flat batch, length, gather index or None when there is no past).
@@ -112,8 +115,8 @@ class PagedBatch:
     def _decode_mask(self, window: int | None) -> torch.Tensor | None:
         """Additive (decodes, 1, 1, longest) mask: keys past each sequence's length (or outside its window) are -inf."""
         if window not in self._decode_masks:
-            # Decided on Python ints, not tensors, so that a compiled step does not break its graph here.
-            if min(self._lens) == self.decode_max and (window is None or self.decode_max <= window):
+            # Decided on Python values, not tensors, so that a compiled step does not break its graph here.
+            if self._equal_lens and (window is None or self.decode_max <= window):
                 mask = None  # every key is visible (always the case at batch size 1): no mask at all
             else:
                 lens = self.decode_lens[:, None]
