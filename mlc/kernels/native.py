@@ -13,6 +13,7 @@ reason is kept in `unavailable_reason()`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -34,6 +35,7 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
+@functools.lru_cache(maxsize=1)
 def _cpu_identity() -> str:
     """The CPU's model and feature flags: what -march=native compiles for."""
     try:
@@ -137,4 +139,3 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     y = torch.empty_like(x)
     lib.mlc_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
     return y
-

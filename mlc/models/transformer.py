@@ -19,6 +19,11 @@ from mlc.models.kvcache import AttentionCache, causal_attention
 from mlc.models.rope import RotaryTable, apply_rope
 
 
+def _without_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether nothing here needs gradients, so a native kernel (no autograd) may compute the result."""
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
 class Linear(nn.Linear):
     """nn.Linear, with a faster path for one row of half-precision input on CPU (a decode step at batch 1).
 
@@ -32,7 +37,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and x.numel() == x.shape[-1]:
             y = None
-            if x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            if x.dtype == torch.bfloat16 and _without_autograd(x, self.weight):
                 y = native.gemv_bf16(self.weight, x.reshape(-1))
             if y is None:
                 y = torch.mv(self.weight, x.reshape(-1))
@@ -74,9 +79,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        if x.numel() <= NATIVE_NORM_MAX_ROWS * x.shape[-1] and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not (
-            torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        ):
+        few_rows = x.numel() <= NATIVE_NORM_MAX_ROWS * x.shape[-1]
+        if few_rows and x.dtype == torch.bfloat16 and x.device.type == "cpu" and _without_autograd(x, self.weight):
             y = native.rms_norm_bf16(x, self.weight, self.eps)  # a decode step: one call instead of seven ops
             if y is not None:
                 return y

@@ -190,9 +190,9 @@ class Engine:
         (no mask), a growing context (dynamic length), batches of unequal lengths (mask, dynamic batch
         size) and batches of equal lengths (no mask, dynamic batch size), each below and at 16
         sequences (where the quantised kernels switch from their decode to their GEMM path). After
-        these, serving 1 to 32 concurrent requests compiled nothing more on SmolLM2. Minutes on a small CPU; torch caches the
-        compiled code on disk, so a later start with the same model is faster. Metrics and the prefix
-        cache are left as they were.
+        these, serving 1 to 32 concurrent requests compiled nothing more on SmolLM2. Minutes on a small
+        CPU; torch caches the compiled code on disk, so a later start with the same model is faster.
+        Metrics and the prefix cache are left as they were.
         """
         if self._decode_forward is None:
             return
