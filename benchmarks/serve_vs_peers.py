@@ -1,32 +1,34 @@
 """mlc serve against transformers `generate` and llama.cpp on SmolLM2-135M, in one run.
 
-    .venv/bin/python benchmarks/serve_vs_peers.py [--reps 3] [--decode-tokens 128] [--skip-llamacpp] [--compile]
+    .venv/bin/python benchmarks/serve_vs_peers.py [--reps 3] [--decode-tokens 128] [--skip-llamacpp] [--skip-decode] [--compile]
 
 Batch-1 decode tokens/s: transformers fp32 and bf16, llama.cpp (llama-cpp-python, Q4_1 GGUF, the same
 file the real-model test fixture converts), and mlc's engine in bf16, int8 and int4 (quantised by
 `mlc quantize`, RTN), and with --compile also with its decode steps compiled (mlc serve --compile,
 compiled before timing as the server does before serving). Decode rate = (N - 1) / (time of N tokens - time of 1 token), so prefill is
-excluded for everyone. Load: 8 and 32 concurrent requests of 256 random prompt tokens and 128 output
-tokens; mlc through its HTTP server (streaming, TTFT = first streamed token), transformers as static
-batches of 8 (bf16), llama.cpp one request at a time (llama-cpp-python has no batching). Each figure is
-the median of --reps runs; the machine's cores are shared, so compare ratios within one run. Next to
-wall-clock tokens/s, each row gives tokens per CPU-second (process CPU time, all threads; for mlc
-serve the server process's): on a machine whose cores other jobs also use, that is the steadier
-measure of how much work each implementation spends per token.
+excluded for everyone. Each figure is the median of --reps runs.
 
-llama-cpp-python is installed into a benchmark venv under the mlc cache (never a dependency of mlc).
+Serving under load is measured with `mlc bench sweep` (`mlc bench serve`'s measurement, one server
+start per setting, vLLM's metric definitions): the same 32 random prompts of 256 tokens (made with
+SmolLM2's tokenizer, sent as text), 128 output tokens each (EOS ignored), greedy, at 8 and 32
+concurrent streams, against mlc serve (bf16, int4, and with --compile bf16 compiled) and llama.cpp's
+own server (`llama-server`, built from the same pinned llama.cpp as the decode rows, Q4_1, 32 slots of
+continuous batching), every server with --threads threads (default: all cores). transformers has no server: its row is `generate` over static
+batches of 8 (bf16). Next to wall-clock tokens/s, each row gives tokens per CPU-second of the server
+process (all threads): on a machine whose cores other jobs also use, the steadier measure of work per
+token. The machine's cores are shared, so compare ratios within one run.
+
+llama-cpp-python and llama-server are built under the mlc cache (never dependencies of mlc).
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -34,15 +36,13 @@ from pathlib import Path
 # made transformers 1.6x and llama.cpp 3.4x slower at batch-1 decode here, by waking sleeping workers
 # for every matmul. Everything torch runs in this process runs on the main thread, for the same reason
 # `mlc serve` runs its engine on the thread that loaded the model (see Engine.run).
-
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import fetch_smollm2_gguf, smollm2_hf_dir  # noqa: E402  (the real-model fixture's files)
-
-from mlc.paths import cache_dir  # noqa: E402
+from mlc.paths import cache_dir
+from tests.conftest import fetch_smollm2_gguf, smollm2_hf_dir  # (the real-model fixture's files)
 
 LLAMA_CPP_VERSION = "0.3.36"
 PROMPT_LEN, OUTPUT_LEN = 256, 128
@@ -97,7 +97,7 @@ def hf_static_batches(path: Path, prompts: list[list[int]], batch: int, reps: in
 LLAMA_SCRIPT = r"""
 import json, sys, time
 from llama_cpp import Llama
-gguf, n, reps, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+gguf, n, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 llm = Llama(model_path=gguf, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
 def run(prompt, tokens):
     llm.reset()
@@ -115,14 +115,7 @@ decode = []
 for _ in range(reps):
     (wn, cn), (w1, c1) = run(short, n), run(short, 1)
     decode.append(((n - 1) / (wn - w1), (n - 1) / (cn - c1)))
-aggs = []
-for _ in range(reps):
-    t, c = time.perf_counter(), time.process_time()
-    for p in prompts:
-        run(p, 128)
-    aggs.append((len(prompts) * 128 / (time.perf_counter() - t), len(prompts) * 128 / (time.process_time() - c)))
-print(json.dumps({"decode": [med([d[0] for d in decode]), med([d[1] for d in decode])],
-                  "serial_aggregate": [med([a[0] for a in aggs]), med([a[1] for a in aggs])]}))
+print(json.dumps({"decode": [med([d[0] for d in decode]), med([d[1] for d in decode])]}))
 """
 
 
@@ -140,10 +133,30 @@ def llama_cpp_python() -> Path:
     return py
 
 
-def llama_cpp(gguf: Path, n: int, reps: int, prompts: list[list[int]]) -> dict[str, list[float]]:
+def llama_cpp(gguf: Path, n: int, reps: int) -> dict[str, list[float]]:
     py = llama_cpp_python()
-    out = subprocess.run([str(py), "-c", LLAMA_SCRIPT, str(gguf), str(n), str(reps), json.dumps(prompts)], capture_output=True, text=True, check=True)
+    out = subprocess.run([str(py), "-c", LLAMA_SCRIPT, str(gguf), str(n), str(reps)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llama_server() -> Path:
+    """llama.cpp's own server, built once from the llama.cpp that the pinned llama-cpp-python vendors (same flags)."""
+    src = cache_dir() / "bench" / "src"
+    tree = src / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
+    binary = tree / "build" / "bin" / "llama-server"
+    if binary.exists():
+        return binary
+    print("building llama.cpp's llama-server (a one-time build) ...", file=sys.stderr)
+    src.mkdir(parents=True, exist_ok=True)
+    sdist = src / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-d", str(src)], check=True)
+    subprocess.run(["tar", "xzf", str(sdist), "-C", str(src), f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp"], check=True)
+    flags = "NATIVE=OFF AVX=ON AVX2=ON FMA=ON F16C=ON BMI2=ON AVX_VNNI=ON AVX512=ON AVX512_VBMI=ON AVX512_VNNI=ON AVX512_BF16=ON"  # as llama_cpp_python()
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *(f"-DGGML_{f}" for f in flags.split())], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(tree / "build"), "--target", "llama-server", "-j", str(os.cpu_count() or 2)], check=True, capture_output=True)
+    return binary
 
 
 # ---------------------------------------------------------------- mlc
@@ -159,7 +172,6 @@ def mlc_engine(path: Path, dtype: str | None, compile: bool = False):
     from mlc.commands.serve.engine import Engine, EngineConfig
     from mlc.models import load_model
     from mlc.models.tokenizer import load_tokenizer
-
     from mlc.models.transformer import fuse_projections
 
     model = load_model(path, dtype=dtype)
@@ -191,87 +203,21 @@ def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int, compile: b
     return medians(reps, lambda: once(n))
 
 
-def serve_load(path: Path, prompts: list[list[int]], concurrency: int, reps: int, compile: bool = False) -> dict[str, float]:
-    """Aggregate output tokens/s and TTFT p50/p99 of `concurrency` streaming requests through mlc serve's HTTP API."""
-    port = 18000 + os.getpid() % 1000
+def bench_sweep(template: str, var: dict[str, str], grid: dict[str, str], tokenizer: Path, extra: list[str] = ()) -> list[dict]:
+    """`mlc bench sweep` of one server (settings in grid) at 8 and 32 concurrent streams: its points as JSON."""
+    args = [sys.executable, "-m", "mlc", "bench", "sweep", "--server-template", template,
+            *(x for k, v in var.items() for x in ("--var", f"{k}={v}")), *(x for k, v in grid.items() for x in ("--grid", f"{k}={v}")),
+            "--load", "concurrency=8,32", "--num-prompts", "32", "--num-warmups", "2", "--dataset", "random", "--input-len", str(PROMPT_LEN),
+            "--output-len", str(OUTPUT_LEN), "--tokenizer", str(tokenizer), "--temperature", "0", "--seed", "0", "--server-timeout", "900", *extra, "--json"]
     env = {**os.environ, "MLC_RUNS_DIR": str(cache_dir() / "bench" / "runs")}
-    proc = subprocess.Popen([sys.executable, "-m", "mlc", "serve", str(path), "--port", str(port), "--dtype", "bfloat16",
-                             "--kv-cache-memory", "1GiB", "--max-model-len", "1024", *(["--compile"] if compile else [])],
-                            env=env, stderr=subprocess.DEVNULL)
-    try:
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        c = http.client.HTTPConnection("127.0.0.1", port)
-        c.request("GET", "/v1/models")
-        name = json.loads(c.getresponse().read())["data"][0]["id"]
-
-        def one(prompt: list[int], ttfts: list[float], counts: list[int]) -> None:
-            body = {"model": name, "prompt": prompt, "max_tokens": OUTPUT_LEN, "ignore_eos": True, "temperature": 0, "stream": True}
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-            t = time.perf_counter()
-            conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            first = None
-            tokens = 0
-            for line in resp:
-                if line.startswith(b"data: {"):
-                    if first is None:
-                        first = time.perf_counter() - t
-                    tokens += 1
-            ttfts.append(first)
-            counts.append(tokens)
-
-        def server_cpu() -> float:
-            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-        def run() -> dict[str, float]:
-            c = http.client.HTTPConnection("127.0.0.1", port)
-            c.request("POST", "/reset_prefix_cache")
-            c.getresponse().read()
-            cpu = server_cpu()
-            ttfts: list[float] = []
-            counts: list[int] = []
-            threads = [threading.Thread(target=one, args=(p, ttfts, counts)) for p in prompts[:concurrency]]
-            t = time.perf_counter()
-            for th in threads:
-                th.start()
-            for th in threads:
-                th.join()
-            wall = time.perf_counter() - t
-            ttfts.sort()
-            return {"aggregate": concurrency * OUTPUT_LEN / wall, "per_cpu_s": concurrency * OUTPUT_LEN / (server_cpu() - cpu), "ttft_p50": ttfts[len(ttfts) // 2], "ttft_p99": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))]}
-
-        run()  # warm-up
-        results = [run() for _ in range(reps)]
-        return {k: statistics.median(r[k] for r in results) for k in results[0]}
-    finally:
-        proc.terminate()
-        proc.wait()
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise SystemExit(f"mlc bench sweep failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout)["points"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--skip-llamacpp", action="store_true")
-    ap.add_argument("--skip-load", action="store_true", help="Batch-1 decode only (and llama.cpp's one-at-a-time aggregate).")
-    ap.add_argument("--compile", action="store_true", help="Also measure mlc with its decode steps compiled (mlc serve --compile).")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    path = smollm2_hf_dir()
-    gguf = fetch_smollm2_gguf(cache_dir())
-    gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(100, 40000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(32)]
+def decode_section(args: argparse.Namespace, path: Path, gguf: Path, rows: dict[str, tuple[float, float]]) -> None:
     n, reps = args.decode_tokens, args.reps
-    rows: dict[str, tuple[float, float]] = {}
     print(f"## batch-1 decode (median of {reps}; batch 8 is aggregate)   tokens/s   tokens/CPU-s", flush=True)
 
     def row(name: str, value: tuple[float, float]) -> None:
@@ -292,33 +238,83 @@ def main() -> None:
         row("mlc int4 batch 1, compiled", mlc_decode_rate(quantized(path, "int4"), "bfloat16", n, reps, compile=True))
     llama = None
     if not args.skip_llamacpp:
-        llama = llama_cpp(gguf, n, reps, prompts[:8])
+        llama = llama_cpp(gguf, n, reps)
         row("llama.cpp Q4_1 batch 1", tuple(llama["decode"]))
     for mode in ("", ", compiled") if args.compile else ("",):
         print(f"mlc bf16{mode} / transformers bf16: {ratio(f'mlc bf16 batch 1{mode}', 'transformers bf16 batch 1')} (target >= 1.5x)")
         if llama:
             print(f"mlc int4{mode} / llama.cpp Q4_1:    {ratio(f'mlc int4 batch 1{mode}', 'llama.cpp Q4_1 batch 1')} (target >= 0.75x)")
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--skip-load", action="store_true", help="Batch-1 decode only.")
+    ap.add_argument("--skip-decode", action="store_true", help="Serving under load only (no llama-cpp-python build needed).")
+    ap.add_argument("--compile", action="store_true", help="Also measure mlc with its decode steps compiled (mlc serve --compile).")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="Threads of every server under load (mlc serve --threads, llama-server -t/-tb, transformers' torch threads). "
+                         "Default: all cores. On a machine other jobs oversubscribe, 1 avoids OpenMP barriers waiting on descheduled threads.")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    path = smollm2_hf_dir()
+    gguf = fetch_smollm2_gguf(cache_dir())
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(100, 40000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(32)]
+    reps = args.reps
+    rows: dict[str, tuple[float, float]] = {}
+    if not args.skip_decode:
+        decode_section(args, path, gguf, rows)
     if args.skip_load:
-        if llama:
-            agg = llama["serial_aggregate"]
-            print(f"llama.cpp one request at a time (8 x {PROMPT_LEN} + {OUTPUT_LEN}): {agg[0]:.1f} tokens/s, {agg[1]:.1f} per CPU-s")
         return
-    print(f"\n## load: {PROMPT_LEN}-token prompts, {OUTPUT_LEN} output tokens, bf16: aggregate output tokens/s and per CPU-second", flush=True)
+    print(f"\n## load: {PROMPT_LEN}-token prompts, {OUTPUT_LEN} output tokens: aggregate output tokens/s and per CPU-second of the server", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hf8 = hf_static_batches(path, prompts, 8, max(1, reps - 2))
-    print(f"transformers static batch 8, 32 requests: {hf8[0]:.1f} tokens/s, {hf8[1]:.1f} per CPU-s", flush=True)
-    if llama:
-        agg = llama["serial_aggregate"]
-        print(f"llama.cpp one request at a time (8):      {agg[0]:.1f} tokens/s, {agg[1]:.1f} per CPU-s", flush=True)
-    for conc, compile in [(8, False), (32, False)] + ([(32, True)] if args.compile else []):
-        r = serve_load(path, prompts, conc, reps, compile)
-        line = (f"mlc serve{' --compile' if compile else ''}, {conc} concurrent: {r['aggregate']:.1f} tokens/s, {r['per_cpu_s']:.1f} per CPU-s, "
-                f"TTFT p50 {r['ttft_p50']:.2f} s, p99 {r['ttft_p99']:.2f} s")
-        if conc == 32:
-            line += f"\n  vs transformers batch 8: {r['aggregate'] / hf8[0]:.2f}x wall, {r['per_cpu_s'] / hf8[1]:.2f}x per CPU-s (target >= 1.5x)"
-            if llama:
-                line += f"\n  vs llama.cpp: {r['aggregate'] / agg[0]:.2f}x wall, {r['per_cpu_s'] / agg[1]:.2f}x per CPU-s (target >= 3x)"
-        print(line, flush=True)
+    print(f"transformers bf16 static batches of 8, 32 requests: {hf8[0]:.1f} tokens/s, {hf8[1]:.1f} per CPU-s", flush=True)
+    int4 = quantized(path, "int4")
+    threads = f" --threads {args.threads}" if args.threads else ""
+    template = "mlc serve {model} --port {port} --dtype bfloat16 --kv-cache-memory 1GiB --max-model-len 1024 {compile?--compile}" + threads
+    points = bench_sweep(template, {}, {"model": f"{path},{int4}", "compile": "0,1" if args.compile else "0"}, path)
+    named = {}
+    for p in points:
+        kind = "int4" if p["server_params"]["model"] == str(int4) else "bf16"
+        if kind == "int4" and p["server_params"]["compile"] == "1":
+            continue  # --compile rows: bf16 only, as before
+        named[f"mlc serve {kind}{' --compile' if p['server_params']['compile'] == '1' else ''}", int(p["load_params"]["concurrency"])] = p
+    if not args.skip_llamacpp:
+        server = llama_server()
+        t = args.threads or os.cpu_count() or 2
+        llama_template = f"{server} -m {gguf} --host 127.0.0.1 --port {{port}} -t {t} -tb {t} -c 16384 --parallel 32 --no-webui"
+        for p in bench_sweep(llama_template, {}, {}, path):
+            named["llama.cpp llama-server Q4_1", int(p["load_params"]["concurrency"])] = p
+    print(f"{'server':32s} {'streams':>7s} {'tok/s':>8s} {'per CPU-s':>9s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'TPOT p50':>9s} {'start':>6s}")
+    for (name, conc), p in named.items():
+        r = p["result"]
+        if r is None:
+            print(f"{name:32s} {conc:7d} failed: {p['error']}")
+            continue
+        cold = f"{r['cold_start']['healthy_s']:5.1f}s" if r.get("cold_start") else ""
+        print(f"{name:32s} {conc:7d} {r['output_throughput']:8.1f} {r['output_tokens_per_server_cpu_s']:9.1f} {r['median_ttft_ms'] / 1000:8.2f}s "
+              f"{r['p99_ttft_ms'] / 1000:8.2f}s {r['median_tpot_ms']:7.1f}ms {cold:>6s}", flush=True)
+
+    def vs(a: str, b: str, target: str = "") -> None:
+        ra, rb = named.get((a, 32), {}).get("result"), named.get((b, 32), {}).get("result")
+        if ra and rb:
+            print(f"{a} / {b} at 32 streams: {ra['output_throughput'] / rb['output_throughput']:.2f}x wall, "
+                  f"{ra['output_tokens_per_server_cpu_s'] / rb['output_tokens_per_server_cpu_s']:.2f}x per CPU-s{target}")
+
+    r32 = named.get(("mlc serve bf16", 32), {}).get("result")
+    if r32:
+        print(f"mlc serve bf16 / transformers static batch 8 at 32 streams: {r32['output_throughput'] / hf8[0]:.2f}x wall, "
+              f"{r32['output_tokens_per_server_cpu_s'] / hf8[1]:.2f}x per CPU-s (target >= 1.5x)")
+    vs("mlc serve bf16", "llama.cpp llama-server Q4_1")
+    vs("mlc serve int4", "llama.cpp llama-server Q4_1")
+    if args.compile:
+        vs("mlc serve bf16 --compile", "llama.cpp llama-server Q4_1")
+
 
 if __name__ == "__main__":
     main()

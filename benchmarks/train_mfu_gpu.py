@@ -6,7 +6,7 @@
 Self-contained: the model is built from a config written here, the data is the bundled corpus tokenised with the
 bundled tiny tokenizer (the model's 32k vocabulary is larger than the tokenizer's, which costs the head its full
 FLOPs as a real vocabulary would). It runs mlc's real trainer (mlc.commands.train.loop.train) and reads its
-metrics.jsonl: MFU = torchtitan's FLOPs per token x tokens/s / the GPU's dense bf16 peak (mlc.engine.flops table,
+metrics.jsonl: MFU = torchtitan's FLOPs per token x tokens/s / the GPU's dense bf16 peak (mlc.distributed.flops table,
 or --peak-flops). The figure is the median over the steps after the warm-up (compilation).
 """
 

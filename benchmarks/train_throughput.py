@@ -4,7 +4,7 @@
 
 Both contenders train the same Llama config (bf16 autocast, AdamW, grad clipping at 1.0) on the same packed corpus
 batches, one optimizer step per batch:
-- mlc: the trainer's own step (mlc.commands.train.loop: _step_batches, _forward_backward, clipping, optimizer) on the
+- mlc: the trainer's own step (mlc.commands.train.step: step_batches and Trainer.train_step, as `mlc train` runs it) on the
   native model built by mlc.commands.train.model.create_model, eager and with `train.compile` (compiled blocks and loss);
 - peer: transformers' LlamaForCausalLM, its loss computed from its logits, torch.optim.AdamW.
 Each contender runs `steps` steps (the first two are warm-up, compilation included), `reps` times, alternating.
@@ -29,16 +29,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlc.commands.train import loop  # noqa: E402
-from mlc.commands.train.batches import PackedSamples, SampleOrder, micro_batch_positions  # noqa: E402
-from mlc.commands.train.config import load_config  # noqa: E402
-from mlc.commands.train.loss import summed_cross_entropy  # noqa: E402
-from mlc.commands.train.model import blocks, create_model, flops_per_token  # noqa: E402
-from mlc.commands.train.optim import build_optimizers  # noqa: E402
-from mlc.commands.train.tokens import tokenize_file, tokenizer_hash  # noqa: E402
-from mlc.engine import dist as mdist, parallel  # noqa: E402
-from mlc.models import config_from_hf  # noqa: E402
-from mlc.models.tokenizer import load_tokenizer  # noqa: E402
+from mlc.commands.train.batches import PackedSamples, SampleOrder, micro_batch_positions
+from mlc.commands.train.config import load_config
+from mlc.commands.train.loss import summed_cross_entropy
+from mlc.commands.train.model import blocks, create_model, flops_per_token
+from mlc.commands.train.optim import build_optimizers
+from mlc.commands.train.step import Trainer, autocast, step_batches
+from mlc.commands.train.tokens import tokenize_file, tokenizer_hash
+from mlc.distributed import dist as mdist
+from mlc.models import config_from_hf
+from mlc.models.tokenizer import load_tokenizer
 
 DATA = REPO / "mlc" / "data"
 MODEL = dict(
@@ -104,19 +104,12 @@ lr = 3e-4
         for block in blocks(model):
             block.compile()
         loss_fn = torch.compile(summed_cross_entropy)
-    optimizers = build_optimizers(model, config.optim)
-    mcfg = model.config
+    trainer = Trainer(model, build_optimizers(model, config.optim), config, model.config, info, loss_fn, autocast("bf16", info.device))
     samples, order = corpus(seq_len)
-    autocast = loop._autocast("bf16", info.device)
 
     def step(i: int) -> None:
-        micro, n_targets = loop._step_batches(samples, order, i, 1, config, info, None)
-        loss_sum, _ = loop._forward_backward(model, micro, n_targets, loss_fn, autocast, config, mcfg, info)
-        norm = parallel.clip_grad_norm(model, 1.0)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        micro, n_targets = step_batches(samples, order, i, 1, config, info)
+        loss_sum, norm, _ = trainer.train_step(micro, n_targets)  # clips at train.grad_clip = 1.0
         torch.cat([loss_sum.reshape(1) / n_targets, norm.reshape(1)]).tolist()
 
     return timed(step, steps)

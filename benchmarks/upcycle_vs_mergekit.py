@@ -17,14 +17,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlc.paths import cache_dir  # noqa: E402
-from tests.conftest import smollm2_hf_dir  # noqa: E402  (the real-model fixture's files)
+from mlc.paths import cache_dir
+from tests.conftest import smollm2_hf_dir  # (the real-model fixture's files)
 
 MERGEKIT = "mergekit==0.1.5"
 TORCH = "torch==2.13.0"  # any other torch request pulls a CUDA build

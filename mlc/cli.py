@@ -44,13 +44,14 @@ class LazyCommandGroup(TyperGroup):
 
 
 def load_command(plugin: plugins.Plugin) -> click.Command:
+    from mlc.contracts import command_of
+
     try:
         obj = plugin.load()
     except plugins.PluginLoadError as e:
         raise MlcError(str(e), f"reinstall {plugin.package}, or leave it out with MLC_LOAD_PLUGINS") from None
-    command = typer.main.get_command(obj) if isinstance(obj, typer.Typer) else obj
-    if not isinstance(command, click.Command):
-        raise MlcError(f"plugin {plugin.name!r} from {plugin.package} is not a Typer app or click command", "fix the plugin")
+    command = command_of(obj)  # load() checked the type: a Typer app or click command
+    assert command is not None
     command.name = plugin.name
     return command
 
@@ -58,7 +59,7 @@ def load_command(plugin: plugins.Plugin) -> click.Command:
 app = typer.Typer(
     cls=LazyCommandGroup,
     name="mlc",
-    help="mlc: the model lifecycle command line. Train, convert, merge, upcycle, quantize, evaluate and serve language models; every command records a run.",
+    help="mlc: the model lifecycle command line. Train, convert, merge, upcycle, quantize, evaluate, serve and benchmark language models; every command records a run.",
     no_args_is_help=True,
     context_settings=CONTEXT,
     rich_markup_mode=None,  # plain click help: importing rich's markdown renderer alone costs ~50 ms
@@ -89,9 +90,12 @@ def root(
 
 
 def _print_error(text: str) -> None:
+    from rich.markup import escape
+
     from mlc.console import err
 
-    err.print(f"[bold red]error:[/bold red] {text}", highlight=False, markup=True, soft_wrap=True)
+    # The message is plain text: "[start, end]" in it is not markup.
+    err.print(f"[bold red]error:[/bold red] {escape(text)}", highlight=False, markup=True, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> Any:
             traceback.print_exc()
         _print_error(e.one_line())
         sys.exit(e.exit_code)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - the error boundary: an unexpected error is one line too (--debug for more)
         if debug:
             traceback.print_exc()
         first = (str(e).splitlines() or [""])[0]

@@ -21,3 +21,16 @@ def new_app(help: str | None = None, no_args_is_help: bool = True) -> typer.Type
 
 def json_option() -> bool:
     return typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
+
+
+def parse_shard_size(text: str) -> int:
+    """Bytes for --max-shard-size from '5GB', '500MB', '2GiB' or a plain number; a usage error otherwise."""
+    from mlc.units import parse_size
+
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--max-shard-size") from None
+    if value <= 0:
+        raise typer.BadParameter(f"{text!r} is not a positive size like 5GB", param_hint="--max-shard-size")
+    return value

@@ -46,17 +46,26 @@ class Plugin:
         return self.package == BUILTIN_DIST
 
     def load(self) -> Any:
-        """Import and return the plugin object, or raise PluginLoadError (also recorded in .error)."""
+        """Import and return the plugin object, or raise PluginLoadError (also recorded in .error).
+
+        An object that does not implement its kind's contract (mlc.contracts) counts as broken too.
+        """
         if self._loaded is None:
             if self.error:
                 raise PluginLoadError(self)
             from importlib.metadata import EntryPoint
 
+            from mlc.contracts import plugin_problem
+
             try:
-                self._loaded = EntryPoint(self.name, self.value, GROUPS[self.kind]).load()
+                obj = EntryPoint(self.name, self.value, GROUPS[self.kind]).load()
             except Exception as e:  # a broken plugin must never take the others down
                 self.error = f"{e.__class__.__name__}: {e}".splitlines()[0]
                 raise PluginLoadError(self) from e
+            if (why := plugin_problem(self.kind, obj)) is not None:
+                self.error = f"TypeError: {why}"
+                raise PluginLoadError(self)
+            self._loaded = obj
         return self._loaded
 
     def help_line(self) -> str:

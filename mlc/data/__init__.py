@@ -31,6 +31,16 @@ def chat_eval_path() -> Path:
     return CORPUS_DIR / "chat_eval.jsonl"
 
 
+def preference_train_path() -> Path:
+    """Gives back the DPO preference pairs built from the chat training set (build_preferences.py)."""
+    return CORPUS_DIR / "preference_train.jsonl"
+
+
+def preference_eval_path() -> Path:
+    """Gives back the held-out preference pairs, built from the held-out chat set."""
+    return CORPUS_DIR / "preference_eval.jsonl"
+
+
 def tiny_model_dir() -> Path:
     """Gives back the Hugging Face directory of the demo model: tokenizer and config, no weights."""
     return DATA_DIR / "tiny"

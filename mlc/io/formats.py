@@ -1,40 +1,22 @@
-"""Checkpoint formats: what a plugin in the `mlc.formats.v1` entry-point group provides.
+"""Checkpoint formats installed as `mlc.formats.v1` plugins: find one by name or by what a path holds.
 
-A format plugin is an object (registered as "module:object") with:
-
-    name: str                 what users type after --from / --to
-    description: str          one line for listings
-    detect(path) -> bool      cheap: does this file or directory look like my format?
-    to_hf(src, out_dir, dtype=None) -> None
-                              write a complete Hugging Face model directory (config.json with
-                              architectures, safetensors weights, tokenizer, generation config)
-                              into out_dir, which exists and is empty; dtype None keeps the
-                              source precision (dequantised formats choose float32).
-
-A format that can also be written from an HF directory adds `from_hf(hf_dir, out_path, dtype=None)`.
+What a format implements (CheckpointFormat, the Checkpoint it opens, TensorEntry, ConvertOptions) is
+the public contract in mlc.contracts.formats, re-exported here for the readers and writers in mlc.io.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-import torch
-
+from mlc.contracts.formats import OPTIM_SEP, Checkpoint, CheckpointFormat, ConvertOptions, TensorEntry, can_write
 from mlc.errors import InputError, MlcError
 
 HF = "hf"
-
-
-@runtime_checkable
-class CheckpointFormat(Protocol):
-    name: str
-    description: str
-
-    def detect(self, path: Path) -> bool: ...
-
-    def to_hf(self, src: Path, out_dir: Path, dtype: torch.dtype | None = None) -> None: ...
+__all__ = [
+    "HF", "OPTIM_SEP", "Checkpoint", "CheckpointFormat", "ConvertOptions", "TensorEntry", "can_write",
+    "installed_formats", "get_format", "detect_format", "describe_path",
+]
 
 
 def installed_formats() -> dict[str, CheckpointFormat]:
@@ -51,7 +33,7 @@ def get_format(name: str) -> CheckpointFormat:
 
 
 def detect_format(src: str | os.PathLike) -> CheckpointFormat:
-    """The installed format that recognises src, or a one-line error listing what is installed."""
+    """The installed format that recognises src, or a one-line error saying what src looks like."""
     path = Path(src)
     if not path.exists():
         raise InputError(f"{path} does not exist", "check the path")
@@ -61,8 +43,15 @@ def detect_format(src: str | os.PathLike) -> CheckpointFormat:
         return found[0]
     names = ", ".join(sorted(formats)) or "none installed"
     if not found:
-        raise InputError(
-            f"no installed checkpoint format recognises {path}",
-            f"installed formats: {names}; install a format plugin (e.g. pip install -e plugins/mlc-gguf) or pass --from",
-        )
+        raise InputError(f"no installed checkpoint format recognises {path} ({describe_path(path)})", f"installed formats: {names}; say which with --from")
     raise MlcError(f"{path} matches several formats ({', '.join(f.name for f in found)})", "choose one with --from")
+
+
+def describe_path(path: Path) -> str:
+    """A few words on what a path holds, for error messages."""
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(8)
+        return f"a file of {path.stat().st_size} bytes starting {head[:4]!r}"
+    names = sorted(p.name for p in path.iterdir())[:6]
+    return "an empty directory" if not names else f"a directory holding {', '.join(names)}{' ...' if len(names) == 6 else ''}"

@@ -25,6 +25,7 @@ SIDE_FILES = ("generation_config.json",)
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
+    """True if path is an HF directory with config.json and safetensors weights (no error: callers try other readers)."""
     p = Path(path)
     return p.is_dir() and (p / "config.json").is_file() and (
         any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()

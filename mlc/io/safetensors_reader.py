@@ -9,6 +9,7 @@ with a one-line error instead of a crash deep inside a merge.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -52,10 +53,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class SafetensorsFile:
@@ -144,7 +142,7 @@ class SafetensorsFile:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a destructor must not raise
             pass
 
 
@@ -259,7 +257,3 @@ def weight_files(path: Path) -> list[Path]:
         hint = "convert it first with `mlc checkpoint convert`" if any(path.glob("*.bin")) else "is this a model directory?"
         raise InputError(f"{path} holds no .safetensors weights", hint)
     return files
-
-
-def open_tensors(path: str | os.PathLike) -> ModelTensors:
-    return ModelTensors(path)

@@ -3,7 +3,8 @@
 torch's CPU kernels cover almost everything mlc needs; this covers the spots of a bf16 decode step
 where they are far from the hardware (gemv_bf16.c, see benchmarks/RESULTS.md): the matrix-vector
 product (faster than torch.mv on AVX512_BF16 CPUs) and RMSNorm of a few rows (one call instead of
-torch's seven small ops). The library is built with the system C compiler
+torch's seven small ops); and one spot of int4 prefill (quant_int4.c): dequantising torch's int4 tiles
+to bf16 in one pass for the GEMM. The library is built with the system C compiler
 (`cc -O3 -march=native`, under a second) into the mlc cache, keyed by the source, the compiler and
 the CPU, so a cache shared between machines never runs code built for another CPU. Where it cannot
 be built (no compiler, no AVX512_BF16, MLC_NATIVE_KERNELS=0) callers fall back to torch, and the
@@ -28,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemv_bf16.c")
+SOURCES = (Path(__file__).with_name("gemv_bf16.c"), Path(__file__).with_name("quant_int4.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -55,7 +56,7 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
         os.replace(out, target)  # atomic: a concurrent process sees the old library or the whole new one
@@ -75,14 +76,14 @@ def _load() -> ctypes.CDLL | None:
     from mlc.paths import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES), " ".join(FLAGS), version, _cpu_identity()]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"gemv_bf16-{key}.so"
     try:
         if not target.is_file():
             _build(compiler, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as e:
-        _state["reason"] = f"could not build {SOURCE.name}: {e}"
+        _state["reason"] = f"could not build {', '.join(f.name for f in SOURCES)}: {e}"
         log.warning("native kernels unavailable, using torch: %s", _state["reason"])
         return None
     fn = lib.mlc_gemv_bf16
@@ -90,6 +91,9 @@ def _load() -> ctypes.CDLL | None:
     fn.restype = None
     fn = lib.mlc_rms_norm_bf16
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    fn.restype = None
+    fn = lib.mlc_dequant_int4pack_t
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int]
     fn.restype = None
     return lib
 
@@ -139,3 +143,16 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     y = torch.empty_like(x)
     lib.mlc_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
     return y
+
+
+def dequant_int4pack_t(tiles: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int, group: int, r0: int, r1: int,
+                       out: torch.Tensor) -> torch.Tensor | None:
+    """W^T as a bf16 [K, r1 - r0] view of the buffer out, for rows r0..r1 (multiples of 64) of torch's CPU int4 tiles;
+    None where the kernel is not available. scales_zeros is the int4 kernel's bf16 [K/G, N, 2]; out a flat bf16 buffer."""
+    lib = _library()
+    if lib is None or not (tiles.is_contiguous() and scales_zeros.is_contiguous() and out.is_contiguous()):
+        return None
+    if scales_zeros.dtype != torch.bfloat16 or out.dtype != torch.bfloat16 or r0 % 64 or r1 % 64 or out.numel() < k * (r1 - r0):
+        return None
+    lib.mlc_dequant_int4pack_t(tiles.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), n, k, group, r0, r1, torch.get_num_threads())
+    return out[: k * (r1 - r0)].view(k, r1 - r0)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mlc.kernels.attention import window_mask
+
 
 class PagedKVStore:
     """The physical KV cache: for each layer, keys and values of every slot of every block."""
@@ -157,11 +159,8 @@ class PagedBatch:
                 else:
                     keys = kc.index_select(1, gather_idx).unsqueeze(0)
                     values = vc.index_select(1, gather_idx).unsqueeze(0)
-                qpos = torch.arange(start, start + n, device=q.device)[:, None]
-                kpos = torch.arange(keys.shape[2], device=q.device)[None, :]
-                allowed = kpos <= qpos
-                if sliding_window is not None:
-                    allowed &= kpos > qpos - sliding_window
+                qpos = torch.arange(start, start + n, device=q.device)
+                allowed = window_mask(qpos, torch.arange(keys.shape[2], device=q.device), sliding_window)
                 out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=allowed, enable_gqa=hq != hkv)
             outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)

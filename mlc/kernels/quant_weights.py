@@ -11,8 +11,9 @@ from dataclasses import dataclass
 import torch
 
 # The QLoRA NormalFloat-4 code book (2305.14314, appendix E): quantiles of N(0, 1) scaled to [-1, 1],
-# with an exact zero. FP4 (e2m1, the bitsandbytes code book) is the float grid of 1 sign, 2 exponent
-# and 1 mantissa bit, normalised to a maximum of 1.
+# with an exact zero. Both tables are in bitsandbytes' code order (code i has value i), so its 4-bit
+# serialisation stores mlc's codes as they are. FP4 is bitsandbytes' own: 1 sign, 2 exponent and 1
+# mantissa bit with a subnormal 0.0625 (not OCP e2m1's 0.5), normalised to a maximum of 1.
 NF4_CODEBOOK = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -20,7 +21,7 @@ NF4_CODEBOOK = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 FP4_CODEBOOK = tuple(
-    s * v / 6.0 for s in (1.0, -1.0) for v in (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+    s * v / 12.0 for s in (1.0, -1.0) for v in (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0)
 )
 CODEBOOKS = {"nf4": NF4_CODEBOOK, "fp4": FP4_CODEBOOK}
 

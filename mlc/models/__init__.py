@@ -1,7 +1,8 @@
 """The native model family (Llama, Mistral, Qwen2, Mixtral, Qwen2-MoE) and what runs it.
 
     build_model(config, seed)            a random model from a ModelConfig or config.json dict
-    load_model(path_or_ref, dtype, device) / save_model(model, out_dir)   HF model directories
+    load_model(path, dtype, device) / save_model(model, out_dir)   HF model directories (quantised ones
+                                         through mlc.models.quant_load)
     KVCache, AttentionCache              the contiguous cache and the protocol a paged cache implements
     load_tokenizer(path)                 tokenizers + jinja2 chat templates, no transformers needed
     generate(model, prompt_ids, ...)     greedy or sampled decoding with a KV cache

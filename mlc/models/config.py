@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mlc.dtypes import MODEL_DTYPES, dtype_name, parse_dtype
 from mlc.errors import InputError
+
+if TYPE_CHECKING:
+    from mlc.io.safetensors_reader import ModelTensors
 
 # model_type -> (architecture name, defaults that transformers assumes when config.json leaves a key out)
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -22,23 +26,13 @@ ARCHITECTURES = {arch: model_type for model_type, (arch, _) in FAMILIES.items()}
 SUPPORTED = ", ".join(arch for arch, _ in FAMILIES.values()) + " (SmolLM is LlamaForCausalLM)"
 ROPE_TYPES = ("default", "linear", "llama3")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """A torch dtype from 'bf16', 'bfloat16', 'torch.bfloat16' or a dtype; None stays None."""
-    if name is None or isinstance(name, torch.dtype):
-        return name
-    key = str(name).removeprefix("torch.").lower()
-    key = DTYPE_ALIASES.get(key, key)
-    if key not in DTYPES:
-        raise InputError(f"unsupported dtype {name!r}", "use float32, bfloat16 or float16")
-    return DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def stored_dtype(tensors: ModelTensors, declared: str | None) -> torch.dtype:
+    """The dtype a model's weights are stored in (its embedding's), else config.json's torch_dtype."""
+    if "model.embed_tokens.weight" in tensors:
+        stored = tensors.info("model.embed_tokens.weight").dtype
+        if dtype_name(stored) in MODEL_DTYPES:
+            return stored
+    return parse_dtype(declared)
 
 
 @dataclass

@@ -9,11 +9,8 @@ passes and gives a lower, more faithful perplexity.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -91,30 +88,6 @@ def perplexity(
     model.train(was_training)
     nll = total_nll / total_tokens
     return Perplexity(math.exp(nll), nll, total_tokens, len(plan), context, stride)
-
-
-def read_texts(path: str | os.PathLike) -> list[str]:
-    """Documents of an evaluation file: JSONL (.jsonl/.ndjson, a "text" field per line) or plain text (one document)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path} does not exist or is not a file", "pass a .txt or .jsonl file with --data")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix.lower() not in (".jsonl", ".ndjson"):
-        return [raw]
-    texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{n} is not valid JSON", "each line of a .jsonl file is one JSON object") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise InputError(f"{path}:{n} has no string field 'text'", 'write lines like {"text": "..."}')
-        texts.append(record["text"])
-    if not texts:
-        raise InputError(f"{path} holds no records", "give at least one line with a text field")
-    return texts
 
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str]) -> list[int]:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mlc.errors import MlcError
+from mlc.kernels.attention import window_mask
 from mlc.models.config import ModelConfig
 
 
@@ -35,14 +36,6 @@ class AttentionCache(Protocol):
     ) -> torch.Tensor:
         """Store k, v for the new tokens and return attention of q over all the sequence's keys."""
         ...
-
-
-def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Boolean (q, k) mask: True where a query may attend a key (causal, optionally windowed)."""
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if window is not None:
-        allowed &= k_pos[None, :] > q_pos[:, None] - window
-    return allowed
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None) -> torch.Tensor:

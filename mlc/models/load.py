@@ -14,7 +14,7 @@ from mlc.errors import InputError
 from mlc.io.hfdir import copy_tokenizer_files, read_config, require_model_dir, write_config
 from mlc.io.safetensors_reader import ModelTensors
 from mlc.io.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, save_tensors
-from mlc.models.config import ModelConfig, config_from_hf, dtype_name, parse_dtype
+from mlc.models.config import ModelConfig, config_from_hf, dtype_name, parse_dtype, stored_dtype
 from mlc.models.transformer import CausalLM
 
 
@@ -48,39 +48,30 @@ def build_model(
     return model.to(dtype)
 
 
-def resolve_model_path(path_or_ref: str | os.PathLike) -> Path:
-    """A model directory from a path or a run reference (run:<id>, latest:<command>)."""
-    text = str(path_or_ref)
-    if text.startswith(("run:", "latest:")):
-        from mlc import options
-        from mlc.runs.refs import resolve
-
-        return resolve(text, options.get().runs_dir).path
-    return Path(path_or_ref)
-
-
-def load_config(path_or_ref: str | os.PathLike) -> ModelConfig:
-    return config_from_hf(read_config(resolve_model_path(path_or_ref)))
+def load_config(path: str | os.PathLike) -> ModelConfig:
+    return config_from_hf(read_config(Path(path)))
 
 
 def load_model(
-    path_or_ref: str | os.PathLike,
+    path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
 ) -> CausalLM:
-    """Load an HF model directory (or run reference) into the native model; dtype defaults to the stored one.
+    """Load an HF model directory into the native model; dtype defaults to the stored one.
+
+    References (run:<id>, latest:<command>, Hub ids) are resolved by the commands, which pass a path.
 
     The model remembers its directory in `model.source_dir`, so save_model can carry the tokenizer over.
     """
-    path = require_model_dir(resolve_model_path(path_or_ref))
+    path = require_model_dir(Path(path))
     raw = read_config(path)
     if "quantization_config" in raw:  # quantised directories load with mlc's quantised Linear kernels
-        from mlc.kernels.quant_load import load_quantized_model
+        from mlc.models.quant_load import load_quantized_model
 
         return load_quantized_model(path, dtype=dtype, device=device)
     config = config_from_hf(raw)
     with ModelTensors(path) as tensors:
-        dtype = parse_dtype(dtype) or _stored_dtype(config, tensors)
+        dtype = parse_dtype(dtype) or stored_dtype(tensors, config.torch_dtype)
         config = config.with_updates(torch_dtype=dtype_name(dtype))
         with torch.device("meta"):
             model = CausalLM(config)
@@ -104,11 +95,6 @@ def load_model(
     model.tie_weights()
     model.source_dir = path  # type: ignore[assignment]
     return model.eval()
-
-
-def _stored_dtype(config: ModelConfig, tensors: ModelTensors) -> torch.dtype:
-    stored = tensors.info("model.embed_tokens.weight").dtype if "model.embed_tokens.weight" in tensors else None
-    return stored if stored in (torch.float32, torch.bfloat16, torch.float16) else parse_dtype(config.torch_dtype)
 
 
 def _mismatch(path: Path, missing: list[str], unexpected: list[str]) -> str:

@@ -136,7 +136,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise InputError(f"{path} has no tokenizer.json", "mlc reads fast (tokenizers) tokenizers; save one with the model")
     try:
         backend = Backend.from_file(str(file))
-    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for malformed files
         raise InputError(f"{file} could not be read: {str(e).splitlines()[0]}", "re-export the tokenizer") from None
     config = _read_json(path / "tokenizer_config.json")
     template = config.get("chat_template")

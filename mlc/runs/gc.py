@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mlc.io.atomic import TMP_MARK
 from mlc.runs import index
-from mlc.runs.rundir import lock_is_held, read_run
+from mlc.runs.record import lock_is_held, read_run
 
 
 def collect(runs_root: Path, statuses: set[str], older_than_days: float, dry_run: bool) -> list[str]:
@@ -18,7 +18,7 @@ def collect(runs_root: Path, statuses: set[str], older_than_days: float, dry_run
     for path in index.run_dirs(runs_root):
         try:
             records.append(read_run(path))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a run.json damaged in any way must not stop gc (ls shows it)
             continue
     needed = {i.get("producer_run") for r in records if r.status not in statuses for i in r.data.get("inputs", [])}
     cutoff = dt.datetime.now().astimezone() - dt.timedelta(days=older_than_days)

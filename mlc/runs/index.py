@@ -11,6 +11,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from mlc.runs.record import read_run
+
 INDEX_FILE = "index.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -75,8 +77,6 @@ def run_dirs(runs_root: Path) -> list[Path]:
 
 def reindex(runs_root: Path) -> int:
     """Rebuild the index from the run directories; return the number of runs indexed."""
-    from mlc.runs.rundir import read_run
-
     conn = connect(runs_root)
     count = 0
     with conn:
@@ -86,8 +86,8 @@ def reindex(runs_root: Path) -> int:
         for path in run_dirs(runs_root):
             try:
                 record = read_run(path)
-            except Exception:
-                continue  # a damaged run.json is shown by `runs ls` as missing; gc can remove it
+            except Exception:  # noqa: BLE001 - a run.json damaged in any way is shown by `runs ls` as missing; gc can remove it
+                continue
             _write_run(conn, path, record.data)
             count += 1
     conn.close()
@@ -102,6 +102,18 @@ def sync(runs_root: Path) -> None:
     conn.close()
     if dirs != indexed:
         reindex(runs_root)
+
+
+def _paths_from_directories(runs_root: Path, command: str | None) -> list[Path]:
+    found = []
+    for path in run_dirs(runs_root):
+        try:
+            data = read_run(path).data
+        except Exception:  # noqa: BLE001 - a damaged run.json is left out, as in the index
+            continue
+        if command is None or data.get("command") == command:
+            found.append((data.get("started", ""), data.get("id", ""), path))
+    return [p for _, _, p in sorted(found, reverse=True)]
 
 
 def find_artifact_by_hash(runs_root: Path, content_hash: str) -> tuple[str, str] | None:
@@ -120,23 +132,28 @@ def find_artifact_by_hash(runs_root: Path, content_hash: str) -> tuple[str, str]
 
 
 def query_runs(runs_root: Path, command: str | None = None, status: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-    """Runs newest first, as their run.json dicts (status corrected for dead processes)."""
-    from mlc.runs.rundir import read_run
+    """Runs newest first, as their run.json dicts (status corrected for dead processes).
 
-    sync(runs_root)
-    conn = connect(runs_root)
-    sql, args = "SELECT path FROM runs", []
-    if command:
-        sql += " WHERE command = ?"
-        args.append(command)
-    sql += " ORDER BY started DESC, id DESC"
-    paths = [Path(r[0]) for r in conn.execute(sql, args)]
-    conn.close()
+    When the index cannot be read or brought up to date (a full disk: SQLite needs to write to read a WAL database),
+    the run directories themselves are read: slower, but they are the truth.
+    """
+    try:
+        sync(runs_root)
+        conn = connect(runs_root)
+        sql, args = "SELECT path FROM runs", []
+        if command:
+            sql += " WHERE command = ?"
+            args.append(command)
+        sql += " ORDER BY started DESC, id DESC"
+        paths = [Path(r[0]) for r in conn.execute(sql, args)]
+        conn.close()
+    except sqlite3.Error:
+        paths = _paths_from_directories(runs_root, command)
     out = []
     for p in paths:
         try:
             data = {**read_run(p).data, "path": str(p)}
-        except Exception:
+        except Exception:  # noqa: BLE001 - a run.json damaged in any way is left out of the listing
             continue
         if status and data["status"] != status:
             continue

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from mlc.errors import InputError
-from mlc.runs import hashing, index
+from mlc.runs import hashing
+from mlc.runs.record import read_run
 from mlc.runs.refs import find_run, resolve
-from mlc.runs.rundir import find_producer, read_run
+from mlc.runs.rundir import find_producer
 
 
 def lineage(runs_root: Path, ref: str) -> dict[str, Any]:

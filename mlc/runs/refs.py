@@ -1,4 +1,5 @@
-"""Artifact references: a path, run:<id>, run:<id>/<artifact>, latest:<command>[/<artifact>]."""
+"""Artifact references: a path, run:<id>, run:<id>/<artifact>, latest:<command>[/<artifact>], or a Hub id
+(org/name[@revision], through huggingface_hub's cache: mlc.io.hub)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlc.errors import InputError
+from mlc.io.hub import HubModel, is_hub_id, resolve_hub
 from mlc.runs import index
-from mlc.runs.rundir import read_run
+from mlc.runs.record import read_run
 
 
 @dataclass(frozen=True)
@@ -16,6 +18,7 @@ class ResolvedRef:
     path: Path
     run_id: str | None = None
     artifact: str | None = None
+    hub: HubModel | None = None  # set for a Hub id: the repository, revision and commit read
 
 
 def is_ref(text: str) -> bool:
@@ -35,11 +38,14 @@ def resolve(ref: str, runs_root: Path) -> ResolvedRef:
             raise InputError(f"no completed {command} run with an artifact under {runs_root}", "list runs with `mlc runs ls`")
         return _artifact_of(Path(runs[0]["path"]), artifact or None, ref)
     path = Path(ref).expanduser()
+    if not path.exists() and is_hub_id(ref):  # a local path of the same shape wins, as in transformers
+        hub = resolve_hub(ref)
+        return ResolvedRef(hub.path, hub=hub)
     if not path.exists():
         if "/" not in ref and any(_names_run(p, ref) for p in index.run_dirs(runs_root)):
             # A bare run id is not taken as a run on a guess (a file of that name may appear later): say how.
             raise InputError(f"{ref} is not a path, but it is a run id", f"refer to the run as run:{ref}")
-        raise InputError(f"{ref} does not exist", "give a path, or a reference like run:<id>/<artifact> or latest:<command>")
+        raise InputError(f"{ref} does not exist", "give a path, a Hub id (org/name), or a reference like run:<id>/<artifact> or latest:<command>")
     return ResolvedRef(path.absolute())
 
 

@@ -24,14 +24,15 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from mlc import __version__
 from mlc.errors import InputError, MlcError
 from mlc.io.atomic import atomic_write_json, replace_dir, staging_dir_for
-from mlc.runs import hashing
+from mlc.runs import hashing, index
+from mlc.runs.record import read_run
+from mlc.runs.refs import resolve
 
 STATUSES = ("running", "completed", "failed", "interrupted")
 PROVENANCE_FILE = "mlc-provenance.json"
@@ -70,59 +71,6 @@ def git_commit(cwd: Path) -> str | None:
 def new_run_id(command: str) -> str:
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     return f"{stamp}-{command}-{secrets.token_hex(3)}"
-
-
-def short_id(run_id: str) -> str:
-    return run_id.rsplit("-", 1)[-1]
-
-
-def lock_is_held(path: Path) -> bool:
-    """True when some live process holds the run's lock (the run is really running)."""
-    try:
-        fd = os.open(path / "run.lock", os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-@dataclass
-class RunRecord:
-    """A run as read from disk, with the live status (a dead 'running' run reads as 'interrupted')."""
-
-    path: Path
-    data: dict[str, Any]
-
-    @property
-    def id(self) -> str:
-        return self.data["id"]
-
-    @property
-    def status(self) -> str:
-        return self.data["status"]
-
-    @property
-    def command(self) -> str:
-        return self.data["command"]
-
-
-def read_run(path: str | os.PathLike) -> RunRecord:
-    path = Path(path)
-    try:
-        data = json.loads((path / "run.json").read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path} is not a run directory (no run.json)", "list runs with `mlc runs ls`") from None
-    except json.JSONDecodeError:
-        raise InputError(f"{path}/run.json is not valid JSON", "the run record is damaged; `mlc runs gc` can remove it") from None
-    if data.get("status") == "running" and data.get("host") == socket.gethostname() and not lock_is_held(path):
-        data["status"] = "interrupted"
-        data.setdefault("error", "the process died without finishing (killed or crashed)")
-    return RunRecord(path, data)
 
 
 class Run:
@@ -194,8 +142,6 @@ class Run:
 
     def save(self) -> None:
         atomic_write_json(self.path / "run.json", self.data)
-        from mlc.runs import index
-
         index.update_run(self.root, self.path, self.data)
 
     def finish(self, status: str, exit_code: int, error: str | None = None) -> None:
@@ -227,8 +173,6 @@ class Run:
 
     def add_input(self, ref: str | os.PathLike, role: str = "input") -> Path:
         """Resolve a path or artifact reference, hash it, record it with its producer; return the path."""
-        from mlc.runs.refs import resolve
-
         resolved = resolve(str(ref), self.root)
         entry = {
             "role": role,
@@ -238,6 +182,8 @@ class Run:
             "producer_run": resolved.run_id,
             "producer_artifact": resolved.artifact,
         }
+        if resolved.hub is not None:  # which weights a Hub id meant at the time: the revision asked and its commit
+            entry["hub"] = {"repo": resolved.hub.repo, "revision": resolved.hub.revision, "commit": resolved.hub.commit}
         if entry["producer_run"] is None:
             producer = find_producer(self.root, resolved.path, entry["hash"])
             if producer:
@@ -270,10 +216,6 @@ class Run:
             raise
         replace_dir(staging, final)
         self._write_manifest(name, kind, final, record_dir, meta or {})
-
-    def add_existing_artifact(self, name: str, path: str | os.PathLike, kind: str = "model", meta: dict[str, Any] | None = None) -> None:
-        """Record files that this run already wrote in place (e.g. a training checkpoint directory)."""
-        self._write_manifest(name, kind, Path(path).absolute(), self.path / "artifacts" / name, meta or {})
 
     def _write_provenance(self, where: Path, name: str, kind: str, meta: dict[str, Any]) -> None:
         provenance = {
@@ -320,8 +262,6 @@ def _take_lock(path: Path) -> int:
 
 def find_producer(runs_root: Path, path: Path, content_hash: str) -> tuple[str, str] | None:
     """Which run made this file or directory: by the index (content hash), else its provenance file."""
-    from mlc.runs import index
-
     found = index.find_artifact_by_hash(runs_root, content_hash)
     if found:
         return found

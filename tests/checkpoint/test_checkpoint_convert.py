@@ -123,7 +123,7 @@ def test_convert_cli_turns_smollm2_gguf_into_a_complete_hf_directory_and_records
 
 
 def test_a_file_no_format_recognises_is_refused_naming_the_installed_formats(tmp_path, run_mlc):
-    junk = tmp_path / "weights.bin"
+    junk = tmp_path / "weights.dat"
     junk.write_bytes(b"\x00" * 64)
     code, _, err = run_mlc("checkpoint", "convert", junk, "--to", "hf", "--out", tmp_path / "out")
     assert code == 1

@@ -31,6 +31,10 @@ shout = "mlc_hello.loud.cli:app"
 
 [project.entry-points."mlc.merge_methods.v1"]
 elementwise_max = "mlc_hello.methods:elementwise_max"
+plain_max = "mlc_hello.methods:plain_max"
+
+[project.entry-points."mlc.quant_schemes.v1"]
+not_a_scheme = "mlc_hello.methods:plain_max"
 """
 
 PLUGIN_FILES = {
@@ -82,10 +86,19 @@ PLUGIN_FILES = {
         raise ImportError("this plugin is broken on purpose")
     ''',
     "mlc_hello/methods.py": '''
-        """A third-party merge method."""
+        """A third-party merge method, declared through the public contract; and a plain function that is not one."""
+        from mlc.contracts import merge_method
 
 
-        def elementwise_max(tensors, base=None, **params):
+        @merge_method("elementwise_max", base="input", min_models=1)
+        def elementwise_max(models, base, params, rng=None):
+            """The largest value at each position."""
+            import torch
+
+            return torch.stack(models).amax(dim=0)
+
+
+        def plain_max(tensors, base=None, **params):
             import torch
 
             return torch.stack(list(tensors)).amax(dim=0)
@@ -122,23 +135,13 @@ def imported_modules(args: list[str], env: dict[str, str] | None = None) -> tupl
     """Run the CLI with args in a fresh interpreter and return the modules it had imported at exit."""
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"mlc-modules-{os.getpid()}-{abs(hash(tuple(args)))}.json"
     code = (
-        "import atexit, json, sys\n"
-        f"atexit.register(lambda: open({str(out)!r}, 'w').write(json.dumps(sorted(sys.modules))))\n"
+        "import atexit, json, pathlib, sys\n"
+        f"atexit.register(lambda: pathlib.Path({str(out)!r}).write_text(json.dumps(sorted(sys.modules))))\n"
         "from mlc.cli import main\n"
         f"main({args!r})\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=60)
+    assert out.exists() and out.stat().st_size, f"mlc {args} wrote no module list (exit {proc.returncode}): {proc.stderr[-2000:]}"
     modules = set(json.loads(out.read_text()))
     out.unlink()
     return modules, proc
-
-
-@pytest.fixture
-def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "runs"
-    monkeypatch.setenv("MLC_RUNS_DIR", str(root))
-    monkeypatch.setenv("MLC_CACHE", str(tmp_path / "cache"))
-    from mlc import options
-
-    options.set_options(options.GlobalOptions(runs_dir=root))
-    return root

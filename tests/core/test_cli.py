@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .conftest import imported_modules, run_mlc
-
 from mlc import plugins
+
+from .conftest import imported_modules, run_mlc
 
 
 def builtin_commands() -> list[str]:
@@ -88,8 +88,8 @@ def test_ctrl_c_exits_130_and_marks_the_run_interrupted(plugin_site: Path, tmp_p
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
+    from mlc.runs import read_run
     from mlc.runs.refs import find_run
-    from mlc.runs.rundir import read_run
 
     record = read_run(find_run(tmp_path / "runs", marker.read_text()))
     assert record.status == "interrupted"

@@ -45,6 +45,21 @@ def test_third_party_merge_method_is_callable_through_the_registry(plugin_site: 
     assert proc.stdout.strip() == "[3.0, 5.0]", proc.stderr
 
 
+def test_a_plugin_of_the_wrong_type_is_reported_as_broken_in_one_line(plugin_site: Path, tmp_path: Path):
+    listed = json.loads(run_mlc("plugins", "--json", env=env_with(plugin_site)).stdout)
+    by_name = {(p["kind"], p["name"]): p for p in listed}
+    assert by_name[("merge_methods", "elementwise_max")]["status"] == "ok"
+    plain = by_name[("merge_methods", "plain_max")]
+    assert plain["status"] == "failed"
+    assert plain["error"].startswith("TypeError: function 'plain_max' is not a MergeMethod")
+    scheme = by_name[("quant_schemes", "not_a_scheme")]
+    assert scheme["status"] == "failed" and "is not a QuantScheme" in scheme["error"]
+    (tmp_path / "m.yml").write_text("merge_method: plain_max\nmodels: [{model: a}, {model: b}]\n")
+    proc = run_mlc("merge", str(tmp_path / "m.yml"), "--out", str(tmp_path / "out"), env=env_with(plugin_site), cwd=tmp_path)
+    assert proc.returncode != 0 and "is not a MergeMethod" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_broken_plugin_is_reported_in_one_line_and_the_rest_keep_working(plugin_site: Path):
     listed = json.loads(run_mlc("plugins", "--json", env=env_with(plugin_site)).stdout)
     broken = [p for p in listed if p["name"] == "broken"][0]

@@ -11,13 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from .conftest import run_mlc
 
 from mlc.errors import InputError, MlcError
-from mlc.runs import hashing, index
+from mlc.runs import Run, hashing, index, open_run, read_run
 from mlc.runs.lineage import lineage
 from mlc.runs.refs import resolve
-from mlc.runs.rundir import Run, open_run, read_run
+
+from .conftest import run_mlc
 
 
 def make_artifact(root: Path, command: str, inputs: list[str], content: str, out: Path | None = None) -> Run:

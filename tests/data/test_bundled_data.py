@@ -46,7 +46,8 @@ def _json(name: str) -> dict:
 
 
 def test_files_exist_with_the_stated_sizes():
-    kb = lambda p: p.stat().st_size / 1000  # noqa: E731
+    def kb(p):
+        return p.stat().st_size / 1000
     assert 150 <= kb(data.corpus_path()) <= 200
     assert 25 <= kb(data.eval_text_path()) <= 30
     assert 280 <= len(_chats(data.chat_train_path())) <= 320
@@ -69,7 +70,8 @@ def test_eval_text_is_held_out_from_train():
     train = data.corpus_path().read_text(encoding="utf-8")
     held_out = data.eval_text_path().read_text(encoding="utf-8")
     assert not _paragraphs(train) & _paragraphs(held_out)
-    titles = lambda t: {a.split("\n")[0] for a in _articles(t)}  # noqa: E731
+    def titles(t):
+        return {a.split("\n")[0] for a in _articles(t)}
     assert not titles(train) & titles(held_out)
     # Bound: under 0.5% of eval's 8-word runs may also occur in train (today: none).
     eval_shingles = _shingles(held_out)
@@ -86,7 +88,8 @@ def test_every_chat_alternates_user_assistant_and_ends_with_assistant(path: Path
 
 
 def test_chat_eval_prompts_do_not_occur_in_chat_train():
-    prompts = lambda p: {m["content"].lower() for c in _chats(p) for m in c if m["role"] == "user"}  # noqa: E731
+    def prompts(p):
+        return {m["content"].lower() for c in _chats(p) for m in c if m["role"] == "user"}
     assert not prompts(data.chat_train_path()) & prompts(data.chat_eval_path())
 
 
@@ -112,7 +115,8 @@ def test_chat_template_renders_chatml_with_generation_prompt():
     template = _json("tokenizer_config.json")["chat_template"]
     # transformers renders chat templates in this environment.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    render = lambda **kw: env.from_string(template).render(**kw)  # noqa: E731
+    def render(**kw):
+        return env.from_string(template).render(**kw)
     assert render(messages=CHAT, add_generation_prompt=False) == CHAT_RENDERED
     assert render(messages=CHAT[1:2], add_generation_prompt=True) == "<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n"
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from mlc.errors import InputError
-from mlc.models.evaluate import HELDOUT_TEXT, perplexity, read_texts, windows
+from mlc.io.texts import read_texts
+from mlc.models.evaluate import HELDOUT_TEXT, perplexity, windows
 from mlc.models.tokenizer import load_tokenizer
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from mlc.runs.hashing import content_hash
+
 from .tiny import llama_config, llama_tensors, perturb, save_model
 
 

@@ -155,3 +155,37 @@ def test_search_validates_everything_first(run_mlc, pool, tmp_path):
     assert "nowhere does not exist" in err and "--optimizer 'sgd'" in err
     code, _, err = run_mlc("merge", "search", paths[0], paths[1], "--objective", f"x={bad}", "--objective", "nofile", "--out", tmp_path / "o")
     assert code == 1 and "needs context (text), choices (2+ texts)" in err and "'nofile' is not NAME=FILE" in err
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_search_in_parallel_processes_and_on_ray(pool):
+    from mlc.commands.merge import search as S
+    from mlc.models.tokenizer import load_tokenizer
+
+    root, paths = pool
+    problems: list[str] = []
+    objectives = S.parse_objectives([f"A={root / 'task_a.txt'}", f"B={root / 'task_b.txt'}"], load_tokenizer(paths[0]), problems)
+    assert not problems
+    run = dict(objectives=objectives, trials=9, seed=3, context=64)  # two rounds: CMA-ES's 7 candidates (4 + 3 ln 3), then 2
+    serial = S.search(paths[:3], **run)
+    assert len(serial.trials) == 3 + 1 + 9
+    assert S.search(paths[:3], **run, workers=2).trials == serial.trials
+    assert S.search(paths[:3], **{**run, "seed": 4}).trials != serial.trials
+    # Ray is in the dev extra: a real local Ray instance, two actors.
+    assert S.search(paths[:3], **run, workers=2, ray="local").trials == serial.trials
+
+
+def test_ray_asked_for_without_ray_installed_is_one_line(run_mlc, pool, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    root, paths = pool
+    code, _, err = run_mlc("merge", "search", paths[0], paths[1], "--objective", f"A={root / 'task_a.txt'}", "--ray", "local", "--out", tmp_path / "o")
+    assert code == 1 and "Ray is not installed" in err and "pip install 'mlc[ray]'" in err and "Traceback" not in err

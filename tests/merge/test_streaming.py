@@ -77,7 +77,7 @@ def test_a_third_party_method_plugs_in_through_the_entry_point(tmp_path):
     (site / "halfway_method" / "__init__.py").write_text(
         textwrap.dedent(
             """
-            from mlc.commands.merge.method import Param, merge_method
+            from mlc.contracts import Param, merge_method
 
             @merge_method("halfway", params=(Param("alpha", float, 0.5),), base="required", min_models=1, max_models=1)
             def halfway(models, base, params, rng=None):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .tiny import llama_config, llama_tensors, perturb, save_model, write_wordlevel_tokenizer
+from .tiny import llama_config, llama_tensors, perturb, save_model
 
 
 @pytest.fixture
@@ -62,7 +62,8 @@ def test_every_problem_is_reported_at_once_and_no_weight_is_read(run_mlc, pool, 
     assert "notamodel" in text and "no config.json" in text
     assert "did you mean 'density'" in text
     assert "density must be in (0, 1], got 1.5" in text
-    assert "wide: model.embed_tokens.weight has shape [32, 24], expected [32, 16]" in text
+    # One line for all of a model's misshaped tensors, the first few named.
+    assert "wide: 20 tensors have other shapes (model.embed_tokens.weight has shape [32, 24], expected [32, 16]; " in text
     assert "tokenizer of" in text and "shuffled" in text and "tokenizer_source: union" in text
     assert len(lines) >= 7
     assert not out.exists() and not list(pool.glob(".out*"))  # no output, not even a staging directory
@@ -91,11 +92,13 @@ def test_layer_ranges_slice_lengths_and_method_input_counts_are_checked(run_mlc,
 
 
 def test_yaml_structure_errors_are_listed_together(run_mlc, pool):
-    cfg = write_yaml(pool / "shape.yml", {"merge_method": "linear", "modls": [], "slices": [{"sources": [{"model": "x", "layer_range": [3, 1]}], "residual_weight": 1}]})
+    sources = [{"model": "x", "layer_range": [3, 1]}, {"model": "y", "layer_range": "all"}]
+    cfg = write_yaml(pool / "shape.yml", {"merge_method": "linear", "modls": [], "slices": [{"sources": sources, "residual_weight": 1}]})
     code, _, err = run_mlc("merge", cfg, "--out", pool / "out")
     assert code == 1
     assert "unknown key 'modls'" in err
     assert "layer_range [3, 1] is empty or negative" in err
+    assert "slices[0].sources[1].layer_range must be [start, end] with integers, got 'all'" in err  # brackets printed as text
     assert "unknown key 'residual_weight' in slices[0]" in err
 
 
@@ -141,3 +144,56 @@ def test_chat_template_by_name_auto_or_jinja_and_unknown_names_are_refused(run_m
     cfg = write_yaml(pool / "chat.yml", {"merge_method": "linear", "models": models, "chat_template": "vicuna-ish"})
     code, _, err = run_mlc("merge", cfg, "--out", pool / "out2")
     assert code == 1 and "chat_template 'vicuna-ish' is not auto" in err
+
+
+def test_a_llama_and_a_gpt2_are_refused_in_a_few_lines(run_mlc, pool, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    cfg = write_yaml(tmp_path / "mixed.yml", {"merge_method": "linear", "models": [{"model": str(pool / "base"), "parameters": {"weight": 0.5}}, {"model": str(tmp_path / "gpt2"), "parameters": {"weight": 0.5}}]})
+    code, _, err = run_mlc("merge", cfg, "--out", tmp_path / "out")
+    assert code == 1 and "Traceback" not in err
+    assert err.count("\n  - ") <= 2, err  # the architectures, and one line for the tensors GPT-2 lacks
+    text = " ".join(err.split())  # long lines wrap on the console
+    assert "is a GPT2LMHeadModel, but" in text and "LlamaForCausalLM: architectures must match" in text
+    assert "gpt2 lacks 20 tensors the merge needs (model.embed_tokens.weight, model.layers.0.input_layernorm.weight, " in text
+
+
+def test_an_output_location_that_refuses_files_is_one_line_before_any_work(run_mlc, pool, tmp_path):
+    import os
+
+    if os.geteuid() == 0:  # root writes anywhere a normal permission bit says no: use a filesystem that refuses it
+        target = Path("/sys/mlc-merge-out")
+        try:
+            os.close(os.open("/sys/.mlc-probe", os.O_CREAT | os.O_WRONLY))
+            pytest.skip("/sys accepts files here")
+        except OSError:
+            pass
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        target = locked / "out"
+    cfg = write_yaml(tmp_path / "ok.yml", {"merge_method": "linear", "models": [{"model": str(pool / m), "parameters": {"weight": 0.5}} for m in ("base", "a")]})
+    code, _, err = run_mlc("merge", cfg, "--out", target)
+    assert code == 1 and "Traceback" not in err and "unexpected" not in err
+    text = " ".join(err.split())
+    assert f"cannot write the output {target}" in text and "refuses new files" in text
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_output(run_mlc, pool, monkeypatch):
+    import errno
+    import os
+
+    from mlc.commands.merge import executor
+
+    def full(*args, **kwargs):  # what a write on a full filesystem raises (an injected fault: no small filesystem here)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(executor, "merge_job", full)
+    cfg = write_yaml(pool / "ok.yml", {"merge_method": "linear", "models": [{"model": str(pool / "base"), "parameters": {"weight": 1}}, {"model": str(pool / "a"), "parameters": {"weight": 1}}]})
+    code, _, err = run_mlc("merge", cfg, "--out", pool / "full")
+    text = " ".join(err.split())
+    assert code == 1 and "unexpected" not in text and "Traceback" not in text
+    assert f"no space left on the disk holding {pool.absolute()} while writing the merged model" in text and "pass --out on a disk with room" in text
+    assert not (pool / "full").exists() and not list(pool.glob(".full*"))

@@ -130,6 +130,7 @@ def test_bf16_logits_stay_close_to_transformers_bf16(tiny_hf_model):
 def test_rope_frequencies_match_transformers(rope_scaling):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     from mlc.models.rope import inverse_frequencies
 
     hf_cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling=rope_scaling)

@@ -9,7 +9,7 @@ import torch
 
 from mlc.errors import MlcError
 from mlc.models import load_model
-from mlc.models.generate import generate, sample_next
+from mlc.models.generate import generate
 from mlc.models.tokenizer import load_tokenizer
 
 TEXTS = [
@@ -82,8 +82,10 @@ def test_sampling_is_reproducible_with_a_seed_and_top_k_1_is_greedy(tiny_hf_mode
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
+    from mlc.kernels.sampling import SamplingParams, SequenceSampler, sample
+
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    draws = {int(sample_next(logits, 1.0, top_p=0.75, generator=torch.Generator().manual_seed(s))) for s in range(200)}
+    draws = {sample(logits, [SequenceSampler(SamplingParams(top_p=0.75, seed=s), 4, [])])[0].token for s in range(200)}
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.75; tokens 2 and 3 are never drawn
 
 

@@ -158,3 +158,41 @@ def test_unlike_settings_do_not_stack():
 
     assert stacked_linear(ql.quant_linear(_int4(True)), ql.quant_linear(_int4(False))) is None
     assert stacked_linear(ql.quant_linear(_weights()["nf4"]), ql.quant_linear(_weights()["nf4"])) is None
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_native_int4_dequantise_equals_the_formula_for_any_block_of_tiles(symmetric):
+    from mlc.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    w = _int4(symmetric)
+    module = ql.quant_linear(w)
+    formula = w.dequantize(torch.float32)  # (q - zero_point) * scale, in fp32
+    buffer = torch.empty(K * N, dtype=torch.bfloat16)
+    for r0, r1 in ((0, N), (64, 128), (128, 192)):
+        wt = native.dequant_int4pack_t(module._tiles, module._scales_and_zeros, N, K, 64, r0, r1, buffer)
+        assert wt.shape == (K, r1 - r0)
+        if symmetric:  # (u - 8) * scale is exact in fp32, then one rounding to bf16: the formula rounded
+            assert torch.equal(wt.T, formula[r0:r1].to(torch.bfloat16))
+        else:  # the zero point is stored as -zero_point * scale in bf16: within a bf16 step or two of the formula
+            assert (wt.T.float() - formula[r0:r1]).abs().max() <= 2 ** -7 * formula.abs().max()
+    assert native.dequant_int4pack_t(module._tiles, module._scales_and_zeros, N, K, 64, 32, 128, buffer) is None  # not whole tiles
+
+
+def test_int4_rows_are_dequantised_from_their_own_tiles():
+    module = ql.quant_linear(_int4(True))
+    whole = module._dequant_rows(0, N, torch.float32)
+    for r0, r1 in ((0, 64), (10, 90), (100, 192), (191, 192)):
+        assert torch.equal(module._dequant_rows(r0, r1, torch.float32), whole[r0:r1])
+
+
+def test_int4_prefill_takes_blocks_of_whole_tiles(monkeypatch):
+    monkeypatch.setattr(ql, "INT4_PREFILL_BLOCK", 64 * K)  # 3 blocks of one tile each
+    monkeypatch.setattr(ql, "DEQUANT_BLOCK", 40 * K)  # the torch path rounds 40 rows up to a whole tile
+    w = _int4(False)
+    module = ql.quant_linear(w)
+    x = torch.randn(32, K)
+    ref = x @ w.dequantize().T
+    assert (module(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
+    assert (ql._blockwise(x, N, module._dequant_rows, 64) - ref).abs().max() <= 1e-2 * ref.abs().max()

@@ -9,72 +9,26 @@ import torch
 
 from mlc.io.hfdir import read_config
 from mlc.kernels.quant_linear import QuantLinear
-from mlc.kernels.quant_load import quant_modules
-
-CALIB = ["--samples", "8", "--seq-len", "64"]
-SCHEMES = {
-    "int8": [],
-    "int4": ["--group-size", "32"],
-    "int4-asym": ["--group-size", "64", "--asymmetric"],
-    "nf4": [],
-    "fp8": [],
-    "llm-int8": CALIB,
-    "gptq": ["--act-order", *CALIB],
-    "gptq-int8": ["--bits", "8", *CALIB],
-    "daq": CALIB,
-    "mixed": ["--target-bits", "5", *CALIB],
-}
-LAYOUTS = {"nf4": "mlc", "llm-int8": "mlc", "daq": "mlc"}
-
-
-@pytest.fixture(scope="module")
-def outputs(small_model_dir, tmp_path_factory, run_mlc_module):
-    made = {}
-    for name, flags in SCHEMES.items():
-        out = tmp_path_factory.mktemp("q") / name
-        scheme = name.split("-asym")[0].replace("gptq-int8", "gptq")
-        evaluate = [] if name == "int4" else ["--no-eval"]  # one run measures perplexity; the rest save the time
-        code, stdout, stderr = run_mlc_module("quantize", small_model_dir, "--scheme", scheme, "--out", out, "--json", *evaluate, *flags)
-        assert code == 0, stderr
-        made[name] = (out, json.loads(stdout))
-    return made
-
-
-@pytest.fixture(scope="module")
-def run_mlc_module(tmp_path_factory):
-    from mlc import options
-    from mlc.cli import main
-
-    runs = tmp_path_factory.mktemp("runs")
-
-    def run(*args):
-        import contextlib
-        import io
-
-        out, err = io.StringIO(), io.StringIO()
-        saved = options.get()
-        code = 0
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main(["--runs-dir", str(runs), *map(str, args)])
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            finally:
-                options.set_options(saved)
-        return code, out.getvalue(), err.getvalue()
-
-    run.runs_dir = runs
-    return run
+from mlc.models.quant_load import quant_modules
+from tests.quantize.conftest import LAYOUTS, SCHEMES
 
 
 def _reference_logits(model_dir: Path, quant_dir: Path, ids: torch.Tensor) -> torch.Tensor:
-    """The original model with each quantised Linear's weight replaced by its dequantised weight."""
+    """The original model with each quantised Linear's weight replaced by its dequantised weight, and its other
+    tensors by the files' (AWQ scales the norms)."""
+    from safetensors.torch import load_file
+
     from mlc.models import load_model
 
     model = load_model(model_dir, dtype=torch.float32)
     reloaded = load_model(quant_dir, dtype=torch.float32)
     for name, m in quant_modules(reloaded).items():
         model.get_submodule(name).weight.data = m.dequantize(torch.float32)
+    params = dict(model.named_parameters())
+    for f in quant_dir.glob("*.safetensors"):
+        for name, t in load_file(f).items():
+            if name in params and name.removesuffix(".weight") not in quant_modules(reloaded):
+                params[name].data = t.float()
     return model(ids).logits
 
 
@@ -86,7 +40,7 @@ def test_reloaded_model_computes_with_the_weights_that_were_written(outputs, sma
     model = load_model(out, dtype=torch.float32)
     modules = quant_modules(model)
     assert len(modules) == 4 * 7 == report["layers_quantized"]
-    assert read_config(out)["quantization_config"]["quant_method"] == ("mlc" if name in LAYOUTS else "compressed-tensors")
+    assert read_config(out)["quantization_config"].get("quant_method") == LAYOUTS.get(name, "compressed-tensors")
     ids = torch.arange(40).view(2, 20) * 37 % 2048
     with torch.no_grad():
         ref = _reference_logits(small_model_dir, out, ids)
@@ -126,7 +80,7 @@ def test_llm_int8_reloads_with_outlier_columns(outputs):
     model = load_model(out)
     assert all(m.path == "int_mm" and m.activation_zero_point for m in quant_modules(model).values())
     assert report["layers_quantized"] == 28
-    layers = json.loads((out / "config.json").read_text())["quantization_config"]["layers"]
+    layers = json.loads((out / "config.json").read_text())["quantization_config"]["mlc"]["layers"]
     assert {e["activations"] for e in layers.values()} == {"zeropoint"}
 
 

@@ -114,7 +114,8 @@ def test_llm_int8_keeps_the_outlier_columns_in_fp16_and_quantises_the_rest_per_r
 
 
 def test_gptq_orders_by_activation_unless_told_not_to_and_other_schemes_refuse_the_flag():
-    from mlc.commands.quantize.schemes import GPTQ, INT4, SchemeOptions
+    from mlc.commands.quantize.schemes import GPTQ, INT4
+    from mlc.contracts import SchemeOptions
     from mlc.errors import MlcUsageError
 
     assert GPTQ.options(SchemeOptions()).act_order is True

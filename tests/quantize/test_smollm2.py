@@ -10,8 +10,8 @@ pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 
 
 def _mlc_dequantised_logits(quant_dir, ids):
-    from mlc.kernels.quant_load import quant_modules
     from mlc.models import load_model
+    from mlc.models.quant_load import quant_modules
 
     model = load_model(quant_dir, dtype=torch.float32)
     for m in quant_modules(model).values():

@@ -40,14 +40,17 @@ class LiveServer:
 
         return OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kw)
 
-    def metrics(self) -> dict[str, float]:
-        """The unlabelled value of every non-histogram series on /metrics."""
+    def metrics(self, **labels: str) -> dict[str, float]:
+        """{sample name: value} from /metrics, parsed by prometheus_client's own parser: the samples whose labels
+        include `labels`, summed over the other labels (request_success_total over finished_reason)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         _, text = http(self, "GET", "/metrics")
-        out = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#") and "_bucket" not in line:
-                name, value = line.rsplit(" ", 1)
-                out[name.split("{")[0]] = float(value)
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if all(s.labels.get(k) == v for k, v in labels.items()):
+                    out[s.name] = out.get(s.name, 0.0) + s.value
         return out
 
     def stop(self) -> int:
@@ -116,5 +119,31 @@ def server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveS
         smollm2_dir, tmp_path_factory.mktemp("serve"), "--dtype", "float32", "--kv-cache-memory", "256MiB",
         "--max-model-len", "1024", "--max-batched-tokens", "64",
     )
+    yield s
+    s.stop()
+
+
+# A served model name that needs escaping in Prometheus' text format (quote, backslash, newline).
+TINY_NAME = 'tiny "quoted" \\ model\nline two'
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama over SmolLM2's tokenizer and chat template (text, chat and tools work; generation is fast)."""
+    import shutil
+
+    from tests.conftest import save_tiny_hf_model
+
+    out = tmp_path_factory.mktemp("tiny-chat")
+    save_tiny_hf_model("llama", out, vocab_size=49152, max_position_embeddings=512)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(smollm2_dir / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
+    s = start_server(tiny_chat_model, tmp_path_factory.mktemp("serve-tiny"), "--served-model-name", TINY_NAME, "--dtype", "float32",
+                     "--kv-cache-memory", "32MiB", "--max-model-len", "128", "--max-queue", "16")
     yield s
     s.stop()

@@ -45,6 +45,23 @@ def test_a_loading_or_draining_server_answers_503():
     assert status == 503 and body["error"]["code"] == "draining"
 
 
+def test_health_is_200_only_while_the_engine_loop_runs(tiny_hf_model):
+    from mlc.commands.serve.engine import Engine, EngineConfig
+    from mlc.models import load_model
+    from tests.serve.test_engine_models import NumberTokenizer
+
+    engine = Engine(load_model(tiny_hf_model("llama")), NumberTokenizer(), EngineConfig(num_blocks=8, block_size=4))
+    app = build_app(ServerState("m", engine=engine))
+    status, body = asgi_call(app, "GET", "/health")
+    assert status == 503 and body["error"]["code"] == "engine_failed"  # loaded, but its loop is not running
+    engine.start()
+    try:
+        assert wait_for(engine.healthy, 10) and asgi_call(app, "GET", "/health")[0] == 200
+    finally:
+        engine.stop()
+    assert asgi_call(app, "GET", "/health")[0] == 503
+
+
 @pytest.fixture(scope="module")
 def small_server(smollm2_dir, tmp_path_factory):
     """One request runs at a time and two may wait: the queue limit is easy to reach."""
@@ -83,15 +100,28 @@ def test_a_full_queue_answers_429_and_frees_up_again(small_server):
     threads = [threading.Thread(target=hold, daemon=True) for _ in range(3)]  # one runs, two wait
     for t in threads:
         t.start()
-    assert wait_for(lambda: small_server.metrics()["mlc:num_requests_waiting"] == 2)
+    assert wait_for(lambda: small_server.metrics()["vllm:num_requests_waiting"] == 2)
     with pytest.raises(openai.RateLimitError) as e:
         small_server.client().completions.create(model=name, prompt="one more", max_tokens=2)
     assert e.value.body["code"] == "queue_full"
     release.set()
     for t in threads:
         t.join(timeout=120)
-    assert wait_for(lambda: small_server.metrics()["mlc:num_requests_running"] == 0)
+    assert wait_for(lambda: small_server.metrics()["vllm:num_requests_running"] == 0)
     assert small_server.client().completions.create(model=name, prompt="now", max_tokens=2).usage.completion_tokens >= 1
+
+
+@pytest.mark.realmodel
+def test_n_counts_against_the_queue_in_sequences(small_server):
+    """--max-queue 2: n=3 could never be queued (a 400 naming n, not a pass); n=2 fits."""
+    name = small_server.client().models.list().data[0].id
+    with pytest.raises(openai.BadRequestError) as e:
+        small_server.client().completions.create(model=name, prompt="hi", max_tokens=2, n=3)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:  # two prompts, two sequences each
+        small_server.client().completions.create(model=name, prompt=["hi", "ho"], max_tokens=2, n=2)
+    assert e.value.body["param"] == "n"
+    assert len(small_server.client().completions.create(model=name, prompt="hi", max_tokens=2, n=2).choices) == 2
 
 
 @pytest.mark.realmodel

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from mlc.engine.checkpoint import MARKER, CheckpointManager, TrainState
+from mlc.distributed.checkpoint import MARKER, CheckpointManager, TrainState
 
 
 def model_and_optimizer(seed: int):
@@ -51,17 +51,26 @@ def test_load_restores_weights_optimizer_state_and_rng_exactly(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(other.parameters(), expected))
 
 
-def test_torchrun_command_for_one_and_several_machines():
-    from mlc.engine.launch import LaunchSpec, torchrun_argv
+def test_launch_config_for_one_and_several_machines(tmp_path):
+    import pytest
 
-    one = torchrun_argv(LaunchSpec(nproc_per_node=2), ["mlc", "train", "x.toml"])
-    assert one[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1", "--standalone", "-m", "mlc", "train", "x.toml"]
-    many = torchrun_argv(LaunchSpec(4, 2, 1, "10.0.0.5", 29400), ["mlc", "train", "x.toml"])
-    assert "--node-rank=1" in many and "--master-addr=10.0.0.5" in many and "--master-port=29400" in many
+    from mlc.distributed.launch import LaunchSpec, launch_config
+    from mlc.errors import MlcUsageError
+
+    one = launch_config(LaunchSpec(nproc_per_node=2), tmp_path)
+    assert (one.min_nodes, one.max_nodes, one.nproc_per_node, one.rdzv_backend) == (1, 1, 2, "c10d")
+    assert one.rdzv_endpoint == "localhost:0" and one.max_restarts == 0  # a free port, as torchrun --standalone
+    many = launch_config(LaunchSpec(4, 2, 1, "10.0.0.5:29400", max_restarts=3, grace_s=60), tmp_path)
+    assert (many.min_nodes, many.max_nodes, many.rdzv_endpoint, many.max_restarts) == (2, 2, "10.0.0.5:29400", 3)
+    assert many.rdzv_configs["is_host"] is False and many.shutdown_timeout == 60
+    # Every node derives the same rendezvous id from the endpoint; node 0 hosts the store.
+    assert launch_config(LaunchSpec(4, 2, 0, "10.0.0.5:29400"), tmp_path).run_id == many.run_id
+    with pytest.raises(MlcUsageError, match="--rdzv-endpoint"):
+        launch_config(LaunchSpec(2, 2, 0), tmp_path)
 
 
 def test_ranks_come_from_torchrun_then_srun_then_a_lone_process():
-    from mlc.engine.dist import env_ranks
+    from mlc.distributed.dist import env_ranks
 
     assert env_ranks({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
     assert env_ranks({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}) == (5, 8, 1)

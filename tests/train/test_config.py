@@ -30,6 +30,8 @@ def write(tmp_path: Path, body: str) -> Path:
         ("[train]\nsteps = \"ten\"\n", "train.steps", "expected an integer"),
         ("[optim]\nname = \"sgd\"\n", "optim.name", "one of 'adamw', 'muon'"),
         ("[data]\neval = \"missing.txt\"\n", "data.eval", "does not exist"),
+        ("[lora]\nbase = \"nf4\"\n", "lora.base", "set lora.enabled = true"),
+        ("[optim]\nname = \"galore\"\n[train]\nparallel = \"fsdp\"\n", "optim.name", "use train.parallel = \"ddp\""),
     ],
 )
 def test_bad_config_fails_before_any_work_naming_the_key(tmp_path, run_mlc, body, key, words):
@@ -66,6 +68,18 @@ def test_every_problem_is_listed_at_once():
         assert key in text
 
 
+def test_values_out_of_range_are_listed_with_the_wrong_types():
+    with pytest.raises(ValidationError) as e:
+        from_dict({"train": {"steps": 0, "seed": "x"}, "optim": {"lr": -1.0, "betas": [0.9, "a"]}, "data": {"val_fraction": 1.0}})
+    assert e.value.problems == [
+        "data.val_fraction: must be less than 1, got 1.0",
+        "train.steps: must be at least 1, got 0",
+        "train.seed: expected an integer, got 'x'",
+        "optim.lr: must be greater than 0, got -1.0",
+        "optim.betas: expected a list of numbers, got [0.9, 'a']",
+    ]
+
+
 def test_overrides_are_read_as_toml_values():
     raw = apply_overrides({}, ["train.steps=7", "optim.betas=[0.8, 0.9]", "optim.name=muon", "train.compile=true"])
     config = from_dict(raw)
@@ -78,3 +92,36 @@ def test_a_good_config_resolves_paths_relative_to_the_file(tmp_path):
     assert isinstance(config, TrainConfig) and config.train.steps == 3
     assert Path(config.model.config) == tmp_path / "model"
     assert "steps = 3" in text
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.eval"])
+def test_a_data_file_that_is_not_utf8_names_the_file_the_key_and_the_place(tmp_path, run_mlc, key):
+    bad = tmp_path / "latin1.txt"
+    # 5 MiB of good text first, so the bad byte sits in the second block of the streamed check.
+    bad.write_bytes(b"plain text line\n" * (5 * 2**16) + b"caf\xe9 au lait\n")
+    path = write(tmp_path, "")
+    code, _, err = run_mlc("train", path, "--set", f'{key}="{bad}"')
+    assert code == 1
+    line = err.strip().splitlines()[-1] if "\n" in err.strip() else err.strip()
+    assert f"{key}: {bad} is not UTF-8 text (byte {16 * 5 * 2**16 + 3}, line {5 * 2**16 + 1}" in " ".join(err.split())
+    assert "UnicodeDecodeError" not in err and "unexpected" not in line
+    assert not run_mlc.runs_dir.exists() or not any(run_mlc.runs_dir.iterdir())
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path, run_mlc):
+    path = write(tmp_path, "")
+    path.write_bytes(path.read_bytes() + b"# \xff\xfe comment\n")
+    code, _, err = run_mlc("train", path)
+    assert code == 1 and f"{path} is not UTF-8 text" in " ".join(err.split()) and "UnicodeDecodeError" not in err
+    assert not run_mlc.runs_dir.exists() or not any(run_mlc.runs_dir.iterdir())
+
+
+def test_an_init_folder_without_config_json_names_model_init(tmp_path, run_mlc):
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"")
+    path = write(tmp_path, "")
+    code, _, err = run_mlc("train", path, "--set", 'model.config=""', "--set", f'model.init="{folder}"')
+    assert code == 1 and f"model.init: {folder} has no config.json" in " ".join(err.split())
+    assert "FileNotFoundError" not in err
+    assert not run_mlc.runs_dir.exists() or not any(run_mlc.runs_dir.iterdir())

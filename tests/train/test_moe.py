@@ -86,9 +86,8 @@ tensorboard = true
 def test_default_lora_targets_reach_mixtral_experts_and_attention():
     from mlc.commands.train.config import LoraSection
     from mlc.commands.train.model import add_lora
-    from mlc.models import build_model
-
     from mlc.data import tiny_model_dir
+    from mlc.models import build_model
 
     config = json.loads((tiny_model_dir() / "config.json").read_text())
     config.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=2, num_experts_per_tok=1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from .upcycle_helpers import PROMPTS, make_dense, make_finetune
 
 
@@ -34,15 +35,3 @@ def prompts_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "experts.yaml"
     path.write_text(PROMPTS)
     return path
-
-
-@pytest.fixture
-def runs_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "runs"
-    monkeypatch.setenv("MLC_RUNS_DIR", str(root))
-    monkeypatch.setenv("MLC_CACHE", str(tmp_path / "cache"))
-    from mlc import options
-
-    options.set_options(options.GlobalOptions(runs_dir=root))
-    return root
-

@@ -8,9 +8,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from .upcycle_helpers import upcycle
 
 from mlc.commands.upcycle.layout import expert_name
+
+from .upcycle_helpers import upcycle
 
 RATIO = 0.5
 EXPERTS = 4

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from .upcycle_helpers import hf_logits, make_dense, mlc_logits, token_batch, upcycle
 
 TOL = 1e-5

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import shutil
 
-from .upcycle_helpers import upcycle
-
 from mlc.runs import open_run
 from mlc.runs.hashing import content_hash
 from mlc.runs.lineage import lineage
+
+from .upcycle_helpers import upcycle
 
 
 def test_lineage_names_the_base_run_the_sources_and_the_options(tiny_llama, finetunes, prompts_file, tmp_path, runs_root):

@@ -10,10 +10,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
-from .upcycle_helpers import upcycle
 
 from mlc.commands.upcycle.layout import expert_name, router_name
 from mlc.commands.upcycle.router import softmax_topk_scale
+
+from .upcycle_helpers import upcycle
 
 
 def prompt_table(path):

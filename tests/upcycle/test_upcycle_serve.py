@@ -8,15 +8,16 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
 import pytest
-from .upcycle_helpers import upcycle
 
 from mlc.models.generate import generate
 from mlc.models.tokenizer import load_tokenizer
+from mlc.servers import wait_healthy
+
+from .upcycle_helpers import upcycle
 
 PROMPT = "The three primary colors are"
 
@@ -27,20 +28,6 @@ def post(port: int, path: str, body: dict) -> dict:
     )
     with urllib.request.urlopen(request, timeout=120) as response:
         return json.loads(response.read())
-
-
-def wait_healthy(proc: subprocess.Popen, port: int, timeout: float = 300) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        assert proc.poll() is None, "mlc serve exited"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    raise TimeoutError("mlc serve did not become healthy")
 
 
 @pytest.mark.realmodel
@@ -57,7 +44,7 @@ def test_serve_continues_like_the_dense_model(smollm2_dir, smollm2_model, tmp_pa
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLC_RUNS_DIR": str(runs_root)},
     )
     try:
-        wait_healthy(proc, port)
+        wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=300, what="mlc serve")
         reply = post(port, "/v1/completions", {"model": "moe", "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
     finally:
         proc.terminate()

@@ -7,9 +7,10 @@ import json
 
 import torch
 from safetensors.torch import load_file
-from .upcycle_helpers import hf_logits, mlc_logits, token_batch, upcycle
 
 from mlc.commands.upcycle.layout import DENSE_MLP, expert_name
+
+from .upcycle_helpers import hf_logits, mlc_logits, token_batch, upcycle
 
 
 def weights(path):

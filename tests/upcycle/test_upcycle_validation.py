@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from .upcycle_helpers import make_dense, upcycle
 
 from mlc.commands.upcycle.options import UpcycleOptions
 from mlc.commands.upcycle.validate import validate
 from mlc.errors import ValidationError
+
+from .upcycle_helpers import make_dense, upcycle
 
 
 def problems_of(runs_root, **kw) -> list[str]:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,8 @@ from typing import Any
 from mlc import console, options
 from mlc.commands.demo.stages import Stage, lifecycle
 from mlc.errors import MlcError
-from mlc.runs import index, open_run
-from mlc.runs.rundir import read_run
+from mlc.runs import index, open_run, read_run
+from mlc.servers import wait_healthy
 
 # Summary keys worth showing per stage, in order of preference (each command records its own).
 HIGHLIGHTS = (
@@ -52,8 +52,9 @@ def run_demo(workdir: Path | None, base_steps: int, chat_steps: int, moe_steps: 
                 refs[stage.name] = f"run:{result.run_id}"
             console.info(f"[green]done[/green] {stage.name:<10} {result.seconds:6.1f}s  {describe(result)}")
         if serve:
-            results.append(serve_stage(work / "merged-int8", work, root))
-            console.info(f"[green]done[/green] {'serve':<10} {results[-1].seconds:6.1f}s  {describe(results[-1])}")
+            for result in serve_stage(work / "merged-int8", work, root):
+                results.append(result)
+                console.info(f"[green]done[/green] {result.name:<10} {result.seconds:6.1f}s  {describe(result)}")
         total = time.perf_counter() - started
         summary = {"seconds": round(total, 1), "work": str(work), "stages": [r.__dict__ for r in results]}
         run.set_summary(**summary)
@@ -122,8 +123,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_stage(model_dir: Path, work: Path, root: Path) -> StageResult:
-    """Start `mlc serve`, ask one chat question through the openai client, then stop it with SIGTERM."""
+def serve_stage(model_dir: Path, work: Path, root: Path) -> list[StageResult]:
+    """Start `mlc serve`, ask one chat question through the openai client, measure it with `mlc bench serve`, stop it."""
     from openai import OpenAI
 
     port = free_port()
@@ -137,12 +138,13 @@ def serve_stage(model_dir: Path, work: Path, root: Path) -> StageResult:
             stdout=f, stderr=subprocess.STDOUT, env=stage_env(),
         )
         try:
-            wait_healthy(proc, port, log)
+            wait_healthy(f"http://127.0.0.1:{port}/health", proc, timeout=180, log=log, what="mlc serve")
             client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
             reply = client.chat.completions.create(
                 model="mlc-demo", messages=[{"role": "user", "content": "What do bees make?"}], max_tokens=32,
                 temperature=0.7, seed=0,  # sampled, not greedy: a model trained for seconds repeats one token greedily
             )
+            bench = bench_stage(port, model_dir, work, root)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -150,27 +152,29 @@ def serve_stage(model_dir: Path, work: Path, root: Path) -> StageResult:
             except subprocess.TimeoutExpired:
                 proc.kill()
     seconds = time.perf_counter() - start
-    new = sorted(run_ids(root) - before)
+    new = sorted(r for r in run_ids(root) - before if "-serve-" in r)  # the bench stage's run started meanwhile too
     answer = reply.choices[0].message.content or ""
     run_id = new[-1] if new else None
     figures = pick_figures(read_run(root / run_id).data.get("summary", {})) if run_id else {}
     figures["answer"] = one_line(answer, 60)
-    return StageResult("serve", "serve the int8 model; ask 'What do bees make?' through the openai client", seconds, run_id, None, figures)
+    return [StageResult("serve", "serve the int8 model; ask 'What do bees make?' through the openai client", seconds - bench.seconds, run_id, None, figures), bench]
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise MlcError(f"mlc serve exited with code {proc.returncode} before it was ready", f"its output is in {log}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise MlcError(f"mlc serve was not ready after {timeout:.0f}s", f"its output is in {log}")
+def bench_stage(port: int, model_dir: Path, work: Path, root: Path) -> StageResult:
+    """`mlc bench serve` against the running server: 8 chat prompts of the bundled corpus, 4 at a time."""
+    import json
+
+    argv = ["bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--model-ref", str(model_dir), "--endpoint", "chat",
+            "--dataset", "chat", "--output-len", "16", "--num-prompts", "8", "--max-concurrency", "4", "--save-detailed", "--json"]
+    log = work / "bench.log"
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "mlc", "--runs-dir", str(root), *argv], stdout=subprocess.PIPE, stderr=f, text=True, env=stage_env())
+    if proc.returncode != 0:
+        raise MlcError(f"demo stage bench (`mlc {' '.join(argv)}`) failed with exit code {proc.returncode}", f"its output is in {log}")
+    r = json.loads(proc.stdout)
+    figures = {"ttft_ms": round(r["median_ttft_ms"], 1), "tpot_ms": round(r["median_tpot_ms"], 1), "output_tok_s": round(r["output_throughput"], 1)}
+    return StageResult("bench", "mlc bench serve: 8 chat prompts, 4 at a time", time.perf_counter() - start, r["run"], None, figures)
 
 
 def describe(result: StageResult) -> str:
@@ -197,3 +201,4 @@ def print_report(results: list[StageResult], total: float, work: Path, root: Pat
         console.out.print("\nWhere the quantised model came from (`mlc runs lineage`):")
         console.out.print(as_rich_tree(lineage(root, f"run:{quantize_run}")))
     console.out.print(f"\nConfigs and logs: {work}\nRuns: {root}  (`mlc runs ls`, `mlc runs show <id>`)")
+    console.out.print(f"See them in a browser: mlc --runs-dir {shlex.quote(str(root))} runs ui", markup=False, highlight=False)

@@ -1,12 +1,15 @@
 """The demo's lifecycle, stage by stage: each stage is one real `mlc` command line.
 
     base      mlc train    pretrain the bundled tiny Llama from scratch on the bundled corpus (1 process)
+    base-hf   mlc checkpoint convert   base's newest training checkpoint (DCP) to an HF directory
+    base-lawa mlc checkpoint average   LAWA: the average of base's last 3 checkpoints, with perplexities
     chat      mlc train    fine-tune base on the bundled chat set, on 2 processes (torchrun, gloo): the distributed path
     merge     mlc merge    SLERP of base and chat (a mergekit YAML): keep chat skills, recover general text
     eval      mlc eval     held-out perplexity of base, chat and the merge
     quantize  mlc quantize int8 weight-only (compressed-tensors layout) with a perplexity report
     upcycle   mlc upcycle  the merge into a 4-expert top-2 Mixtral, then a few steps of `mlc train` on it
     serve     mlc serve    the quantised model behind the OpenAI API, asked one chat question by the openai client
+    bench     mlc bench    a short `mlc bench serve` against that server: median TTFT, TPOT and output tokens/s
 """
 
 from __future__ import annotations
@@ -58,10 +61,19 @@ kind = "cosine"
 warmup_steps = {max(1, steps // 10)}
 min_lr_ratio = 0.1
 
+[checkpoint]
+interval = {checkpoint_interval(steps)}
+keep_last_k = 3
+
 [log]
 interval = 5
 tensorboard = false  # metrics.jsonl is the record; the base install has no tensorboard
 """
+
+
+def checkpoint_interval(base_steps: int) -> int:
+    """Base saves three checkpoints before its last step (the final weights are its artifact)."""
+    return max(1, base_steps // 4)
 
 
 def chat_config(steps: int, base_ref: str) -> str:
@@ -155,6 +167,13 @@ def lifecycle(work: Path, base_steps: int, chat_steps: int, moe_steps: int) -> l
     eval_args = ["--data", str(data.eval_text_path()), "--context", "128", "--stride", "64"]
     return [
         Stage("base", "pretrain the tiny model (1 process)", ["train", str(work / "base.toml")], {"base.toml": lambda r: base_config(base_steps)}),
+        Stage("base-hf", "base's newest checkpoint to HF", ["checkpoint", "convert", "@base", "--to", "hf", "--out", str(work / "base-checkpoint-hf")]),
+        Stage(
+            "base-lawa",
+            "LAWA-average base's last 3 checkpoints",
+            ["checkpoint", "average", "@base", "--last", "3", "--spacing", str(checkpoint_interval(base_steps)), "--out", str(work / "base-lawa"),
+             "--eval", str(data.eval_text_path()), "--context", "128"],
+        ),
         Stage(
             "chat",
             "chat fine-tune on 2 processes (torchrun + gloo)",

@@ -28,8 +28,9 @@ def eval(
     import time
 
     from mlc import console, options
+    from mlc.io.texts import read_texts
     from mlc.models import load_model
-    from mlc.models.evaluate import HELDOUT_TEXT, perplexity, read_texts, tokenize_texts
+    from mlc.models.evaluate import HELDOUT_TEXT, perplexity, tokenize_texts
     from mlc.models.tokenizer import load_tokenizer
     from mlc.runs import open_run
 

@@ -10,7 +10,7 @@ Python API (none of it needs the CLI):
     from mlc.commands.merge import lora, search
     lora.fold(base_dir, [adapter_dir], out_dir)            # or several adapters with a merge method
     lora.extract(base_dir, tuned_dir, out_dir, rank=16)    # a PEFT adapter by truncated SVD
-    search.search(search.Pool(paths), objectives)          # CMA-ES / NSGA-II over linear weights
+    search.search(paths, objectives, workers=2)            # CMA-ES / NSGA-II over linear weights (ray="local" too)
 
 Another command that only needs the math goes through the plugin, not this package:
 `mlc.plugins.load_one("merge_methods", "ties")(models, base, params, rng=..., consume=True)`;

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -14,9 +16,9 @@ import yaml
 from mlc import plugins
 from mlc.commands.merge.config import MergeConfig, load_yaml, parse_config
 from mlc.commands.merge.executor import execute
-from mlc.commands.merge.method import MergeMethod
 from mlc.commands.merge.plan import Job, MergePlan, build_plan
-from mlc.errors import ValidationError
+from mlc.contracts import MergeMethod
+from mlc.errors import MlcError, ValidationError
 from mlc.io.hfdir import write_config
 from mlc.io.safetensors_writer import DEFAULT_MAX_SHARD_BYTES
 
@@ -57,6 +59,8 @@ def plan_merge(
     root = Path(runs_root) if runs_root is not None else options.get().runs_dir
     if out is not None and Path(out).exists() and not overwrite:
         problems.append(f"output {out} already exists (pass --overwrite to replace it)")
+    elif out is not None and (why := unwritable(Path(out))) is not None:
+        problems.append(why)
     try:
         plan = build_plan(parsed, root, dict(parameters or {}), seed)
     except ValidationError as e:
@@ -64,6 +68,20 @@ def plan_merge(
     if problems:
         raise ValidationError(problems, what="merge config")
     return plan
+
+
+def unwritable(out: Path) -> str | None:
+    """Why the directory `out` cannot be written (its nearest existing parent refuses a file), or None."""
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".mlc-write-test-")
+    except OSError as e:
+        return f"cannot write the output {out}: {parent} refuses new files ({e.strerror or e.__class__.__name__})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def write_model(plan: MergePlan, out_dir: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, on_done: Callable[[Job], None] | None = None, config_text: str | None = None) -> list[str]:
@@ -96,7 +114,10 @@ def resolved_config(plan: MergePlan) -> dict[str, Any]:
             return [sub(v) for v in node]
         return node
 
-    return {**sub(data), "seed": plan.seed, "method_defaults": {p.name: p.default for p in plan.method.params if not p.required}}
+    return {
+        **sub(data), "seed": plan.seed, "method_defaults": {p.name: p.default for p in plan.method.params if not p.required},
+        "inputs": {str(m.path): m.tensors.source for m in plan.models},  # what each model was read as
+    }
 
 
 def run_merge(
@@ -112,21 +133,49 @@ def run_merge(
     on_done: Callable[[Job], None] | None = None,
 ) -> MergeResult:
     """Validate, then merge into the HF directory `out`, recorded as a `merge` run with its inputs and lineage."""
+    plan = plan_merge(config, runs_root, parameters, seed, out=out, overwrite=overwrite)
+    try:
+        return _run(plan, config, out, runs_root, overwrite, max_shard_bytes, on_plan, on_done)
+    finally:
+        plan.close()
+
+
+def _run(
+    plan: MergePlan,
+    config: Any,
+    out: str | os.PathLike,
+    runs_root: str | os.PathLike | None,
+    overwrite: bool,
+    max_shard_bytes: int,
+    on_plan: Callable[[MergePlan], None] | None,
+    on_done: Callable[[Job], None] | None,
+) -> MergeResult:
     from mlc.runs import open_run
 
-    plan = plan_merge(config, runs_root, parameters, seed, out=out, overwrite=overwrite)
     _, text, _ = load_config(config)
     if on_plan is not None:
         on_plan(plan)
     resolved = resolved_config(plan)
+    merged_from = [{"model": str(m.path), "read_as": m.tensors.source} for m in plan.models]
     with open_run("merge", config=resolved, runs_root=runs_root) as run:
         run.set_config(resolved, given_text=text, given_suffix=".yml")
         base_ref = plan.config.base_model
         for m in plan.models:
-            run.add_input(str(m.path), role="base" if m.ref == base_ref else "model")
-        with run.artifact("model", kind="model", out=out, overwrite=overwrite, meta={"merge_method": plan.method.name}) as staging:
-            files = write_model(plan, staging, max_shard_bytes, on_done, config_text=text)
-        run.set_summary(method=plan.method.name, tensors=len(plan.jobs), models=len(plan.models), out=str(Path(out).absolute()))
+            # By its reference as written: a Hub id is recorded with its revision and commit, a run:<id> with its run.
+            run.add_input(m.ref, role="base" if m.ref == base_ref else "model")
+        meta = {"merge_method": plan.method.name, "merged_from": merged_from}
+        try:
+            with run.artifact("model", kind="model", out=out, overwrite=overwrite, meta=meta) as staging:
+                files = write_model(plan, staging, max_shard_bytes, on_done, config_text=text)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # The staging directory is gone with the artifact: say where the space ran out, not a raw errno.
+            raise MlcError(
+                f"no space left on the disk holding {Path(out).absolute().parent} while writing the merged model",
+                "free space there or pass --out on a disk with room; no partial output was left",
+            ) from None
+        run.set_summary(method=plan.method.name, tensors=len(plan.jobs), models=len(plan.models), out=str(Path(out).absolute()), merged_from=merged_from)
         for w in plan.warnings:
             run.log(f"warning: {w}")
         return MergeResult(Path(out).absolute(), files, len(plan.jobs), run.id, plan.warnings)

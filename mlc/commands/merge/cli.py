@@ -17,7 +17,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from mlc.cliutil import json_option, new_app
+from mlc.cliutil import json_option, new_app, parse_shard_size
 
 HELP = """Merge models: mergekit YAMLs as is, LoRA adapters, and searched merges of checkpoint pools.
 
@@ -28,8 +28,10 @@ HELP = """Merge models: mergekit YAMLs as is, LoRA adapters, and searched merges
   mlc merge search POOL... --objective NAME=FILE --out DIR
 
 \b
-Methods: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della,
-della_linear, slerp, model_stock, passthrough (layer stacking with slices), plus any installed plugin.
+Methods: every one of mergekit's: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
+breadcrumbs_ties, della, della_linear, sce, slerp, nuslerp, multislerp, karcher, model_stock, nearswap,
+arcee_fusion, ram, ramplus_tl, passthrough (layer stacking with slices), plus any installed plugin.
+Outputs equal mergekit's bit for bit on the same YAML (the random methods: the same distribution).
 Everything is validated before a weight is read; every problem is listed at once.
 
 DARE/DELLA rescaling: mlc defaults to mergekit's (restore each sparsified task vector's L1 norm) so
@@ -80,12 +82,6 @@ def run_command(
         help="How DARE/DELLA rescale kept entries: l1 (mergekit's default: restore the L1 norm) or inverse_keep "
         "(the papers' 1/(1-p)). Sets the global parameter rescale_mode; YAML settings at model or slice level still win.",
     ),
-    tie_order: Optional[str] = typer.Option(
-        None,
-        "--tie-order",
-        help="Magnitude selection (ties, breadcrumbs) among equal magnitudes at the threshold: index (default: lowest "
-        "indices kept, no sort) or argsort (torch.argsort's order, which reproduces mergekit's picks exactly; slower).",
-    ),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest output shard, e.g. 2GB or 500MB."),
     check: bool = typer.Option(False, "--check", help="Validate the config and inputs, print the plan summary, write nothing."),
     json_output: bool = json_option(),
@@ -96,15 +92,15 @@ def run_command(
 
     if rescale_mode is not None and rescale_mode not in ("l1", "inverse_keep"):
         raise typer.BadParameter("must be l1 or inverse_keep", param_hint="--rescale-mode")
-    if tie_order is not None and tie_order not in ("index", "argsort"):
-        raise typer.BadParameter("must be index or argsort", param_hint="--tie-order")
     overrides = {"rescale_mode": rescale_mode} if rescale_mode else {}
-    if tie_order:
-        overrides["tie_order"] = tie_order
     as_json = options.want_json(json_output)
     if check:
         plan = plan_merge(config, parameters=overrides, seed=seed, out=out, overwrite=overwrite)
-        summary = {"method": plan.method.name, "models": [str(m.path) for m in plan.models], "tensors": len(plan.jobs), "warnings": plan.warnings}
+        plan.close()
+        summary = {
+            "method": plan.method.name, "models": [str(m.path) for m in plan.models], "read_as": [m.tensors.source for m in plan.models],
+            "tensors": len(plan.jobs), "warnings": plan.warnings,
+        }
         for w in plan.warnings:
             console.warn(w)
         console.print_json(summary) if as_json else console.info(f"ok: {plan.method.name} over {len(plan.models)} models, {len(plan.jobs)} tensors")
@@ -124,7 +120,7 @@ def run_command(
             bar.update(bar.task_ids[0], advance=1, description=job.group)
 
     try:
-        result = run_merge(config, out, parameters=overrides, seed=seed, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size), on_plan=on_plan, on_done=on_done)
+        result = run_merge(config, out, parameters=overrides, seed=seed, overwrite=overwrite, max_shard_bytes=parse_shard_size(max_shard_size), on_plan=on_plan, on_done=on_done)
     finally:
         if bar is not None:
             bar.stop()
@@ -132,17 +128,6 @@ def run_command(
         console.print_json({"out": str(result.out), "run": result.run_id, "tensors": result.tensors, "files": result.files, "warnings": result.warnings})
     else:
         console.info(f"merged {result.tensors} tensors into {result.out} (run {result.run_id})")
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '5GB', '500MB', '2GiB' or a plain number."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    t = text.strip().lower()
-    number = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    try:
-        return int(float(number) * units[t[len(number):].strip()])
-    except (KeyError, ValueError):
-        raise typer.BadParameter(f"{text!r} is not a size like 5GB", param_hint="--max-shard-size") from None
 
 
 def _adapter_params(weights: Optional[str], density: Optional[float], items: list[str]) -> dict[str, Any]:
@@ -178,7 +163,8 @@ def lora_command(
     """Fold one PEFT LoRA adapter into its base, or several after combining them with a merge method."""
     from mlc import console, options
     from mlc.commands.merge.lora import check_fold, fold
-    from mlc.commands.merge.plan import DTYPES, load_method
+    from mlc.commands.merge.plan import load_method
+    from mlc.dtypes import FLOAT_DTYPES, torch_dtype
     from mlc.errors import ValidationError
     from mlc.runs import open_run
     from mlc.runs.refs import resolve
@@ -188,8 +174,8 @@ def lora_command(
     chosen = load_method(method) if method else None
     if chosen is not None and "weight" not in params and chosen.param("weight") is not None:
         params["weight"] = [1.0 / len(adapters)] * len(adapters)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValidationError([f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}"], what="LoRA fold")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ValidationError([f"--dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}"], what="LoRA fold")
     problems = [f"output {out} already exists (pass --overwrite to replace it)"] if out.exists() and not overwrite else []
     base_path, adapter_paths = resolve(base, root).path, [resolve(a, root).path for a in adapters]
     try:
@@ -204,7 +190,7 @@ def lora_command(
         for a in adapters:
             run.add_input(a, role="adapter")
         with run.artifact("model", kind="model", out=out, overwrite=overwrite) as staging:
-            changed = fold(base_path, adapter_paths, staging, chosen, params, seed, DTYPES.get(dtype or ""))
+            changed = fold(base_path, adapter_paths, staging, chosen, params, seed, torch_dtype(dtype) if dtype else None)
         run.set_summary(tensors_changed=changed, adapters=len(adapters))
     if options.want_json(json_output):
         console.print_json({"out": str(out.absolute()), "run": run.id, "tensors_changed": changed})
@@ -226,13 +212,13 @@ def extract_lora_command(
     """Extract a rank-R LoRA adapter (truncated SVD of tuned - base) that PEFT loads."""
     from mlc import console, options
     from mlc.commands.merge.lora import extract
-    from mlc.commands.merge.plan import DTYPES
+    from mlc.dtypes import FLOAT_DTYPES, torch_dtype
     from mlc.errors import ValidationError
     from mlc.runs import open_run
     from mlc.runs.refs import resolve
 
-    if dtype not in DTYPES:
-        raise ValidationError([f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}"], what="LoRA extraction")
+    if dtype not in FLOAT_DTYPES:
+        raise ValidationError([f"--dtype {dtype!r} is not one of {', '.join(FLOAT_DTYPES)}"], what="LoRA extraction")
     if out.exists() and not overwrite:
         raise ValidationError([f"output {out} already exists (pass --overwrite to replace it)"], what="LoRA extraction")
     root = options.get().runs_dir
@@ -241,7 +227,7 @@ def extract_lora_command(
         run.add_input(base, role="base")
         run.add_input(tuned, role="tuned")
         with run.artifact("adapter", kind="lora", out=out, overwrite=overwrite) as staging:
-            report = extract(base_path, tuned_path, staging, rank, DTYPES[dtype], include_embeddings=not no_embeddings)
+            report = extract(base_path, tuned_path, staging, rank, torch_dtype(dtype), include_embeddings=not no_embeddings)
         errors = [t["relative_error"] for t in report["tensors"].values()]
         run.set_summary(rank=rank, tensors=len(errors), max_relative_error=max(errors), not_representable=report["not_representable"])
     for name, size in report["not_representable"].items():
@@ -265,6 +251,14 @@ def search_command(
     time_budget: Optional[float] = typer.Option(None, "--time-budget", help="Budget: stop searching after this many seconds."),
     seed: int = typer.Option(0, "--seed", help="Seed of the optimiser."),
     context: int = typer.Option(256, "--context", help="Perplexity window (tokens)."),
+    workers: int = typer.Option(
+        1, "--workers", help="Score candidates in this many parallel processes (each loads the pool); with --ray, this many "
+        "actors (0: one per CPU of the cluster). The seed alone decides the result, whatever the parallelism.",
+    ),
+    ray: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS", help="Score candidates in Ray actors: the address of a running cluster (auto, "
+        "ray://head:10001, host:6379; its nodes must see the pool's paths), or local to start Ray on this machine. Needs mlc[ray].",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     json_output: bool = json_option(),
 ) -> None:
@@ -283,6 +277,15 @@ def search_command(
         problems.append(f"--optimizer {optimizer!r} is not cmaes or nsga2")
     if trials < 1:
         problems.append("--trials must be at least 1")
+    if workers < (0 if ray else 1):
+        problems.append(f"--workers must be at least {0 if ray else 1}")
+    if ray is not None:
+        from mlc.distributed.ray import require
+
+        try:
+            require()
+        except MlcError as e:
+            problems.append(e.one_line())
     if out.exists() and not overwrite:
         problems.append(f"output {out} already exists (pass --overwrite to replace it)")
     paths = []
@@ -304,31 +307,34 @@ def search_command(
             problems.append(e.one_line())
     if problems:
         raise ValidationError(problems, what="merge search")
-    config = {"pool": [str(p) for p in paths], "objectives": objective, "optimizer": optimizer, "trials": trials, "time_budget": time_budget, "seed": seed, "context": context}
+    config = {
+        "pool": [str(p) for p in paths], "objectives": objective, "optimizer": optimizer, "trials": trials, "time_budget": time_budget,
+        "seed": seed, "context": context, "workers": workers, "ray": ray,
+    }
     as_json = options.want_json(json_output)
     with open_run("merge-search", config=config) as run:
         for ref in pool:
             run.add_input(ref, role="pool")
         for o in objectives:
             run.add_input(str(o.path), role=f"objective:{o.name}")
-        loaded = S.Pool(paths)
-
         def on_trial(row: dict[str, Any]) -> None:
             run.log_metrics({"trial": row["trial"], "kind": row["kind"], "macro": row["macro"], **{f"loss/{k}": v for k, v in row["losses"].items()}})
             if not as_json:
                 console.info(f"trial {row['trial']:3d} {row['kind']:<18} macro loss {row['macro']:.4f}  " + "  ".join(f"{k} {v:.4g}" for k, v in row["values"].items()))
 
-        result = S.search(loaded, objectives, optimizer, trials, time_budget, seed, context, on_trial)
+        result = S.search(paths, objectives, optimizer, trials, time_budget, seed, context, on_trial, workers, ray)
         best = result.trials[result.best]
-        del loaded
         from mlc.commands.merge.api import plan_merge, write_model
 
         merge_config = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(paths, best["weights"])]}
         plan = plan_merge(merge_config, root)
         import yaml
 
-        with run.artifact("model", kind="model", out=out, overwrite=overwrite, meta={"search": "linear", "weights": best["weights"]}) as staging:
-            write_model(plan, staging, config_text=yaml.safe_dump(merge_config, sort_keys=False))
+        try:
+            with run.artifact("model", kind="model", out=out, overwrite=overwrite, meta={"search": "linear", "weights": best["weights"]}) as staging:
+                write_model(plan, staging, config_text=yaml.safe_dump(merge_config, sort_keys=False))
+        finally:
+            plan.close()
         with run.artifact("search", kind="search") as staging:
             (staging / "trials.json").write_text(json.dumps(result.trials, indent=2) + "\n")
             front = [result.trials[i] for i in result.front]

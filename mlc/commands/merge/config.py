@@ -1,4 +1,5 @@
-"""mergekit's YAML, read as is: the config dataclasses, and parameter settings resolved per tensor.
+"""mergekit's YAML, read as is: checked by pydantic models (every problem at once), turned into the config
+dataclasses the planner uses, and parameter settings resolved per tensor.
 
 A parameter setting is a scalar, a gradient (a list of numbers interpolated across the layers of a
 slice), or a list of {filter, value} entries whose first entry with `filter` a substring of the
@@ -11,26 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Annotated, Any, Iterable, Optional
 
 import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
-from mlc.commands.merge.method import Param
+from mlc.contracts import Param
+from mlc.dtypes import FLOAT_DTYPES
 from mlc.errors import InputError
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-TOP_KEYS = {
-    "merge_method",
-    "base_model",
-    "models",
-    "slices",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "tokenizer_source",
-    "tokenizer",
-    "chat_template",
-}
+from mlc.validation import Strict, Wording, dotted, problem, validate_all
 
 
 @dataclass
@@ -118,138 +108,146 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], str]:
     return data, text
 
 
-def parse_config(data: dict[str, Any]) -> tuple[MergeConfig | None, list[str]]:
-    """The config and every structural problem found (not just the first)."""
+def parse_config(data: dict[str, Any]) -> tuple[MergeConfig, list[str]]:
+    """The config and every structural problem found (not just the first).
+
+    With problems, the config holds what is still usable, so the planner can check the models it names too.
+    """
     problems: list[str] = []
-    for key in sorted(set(data) - TOP_KEYS):
-        hint = " (multi-module architectures are not supported: use models: or slices:)" if key == "modules" else ""
-        problems.append(f"unknown key {key!r}{hint}")
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
         problems.append("merge_method is missing")
-    has_models, has_slices = bool(data.get("models")), bool(data.get("slices"))
-    if has_models == has_slices:
+    if bool(data.get("models")) == bool(data.get("slices")):
         problems.append("give exactly one of models: or slices:")
-    base = _ref(data.get("base_model"), "base_model", problems)
-    slices: list[Slice] = []
-    if has_models and isinstance(data["models"], list):
-        sources = [_source(m, f"models[{i}]", problems, with_range=False) for i, m in enumerate(data["models"])]
-        slices = [Slice([s for s in sources if s is not None])]
-    elif has_models:
-        problems.append("models must be a list")
-    if has_slices and isinstance(data["slices"], list):
-        for i, sl in enumerate(data["slices"]):
-            where = f"slices[{i}]"
-            if not isinstance(sl, dict) or not isinstance(sl.get("sources"), list) or not sl["sources"]:
-                problems.append(f"{where} needs a list of sources")
-                continue
-            for key in sorted(set(sl) - {"sources", "base_model", "parameters"}):
-                problems.append(f"unknown key {key!r} in {where}")
-            sources = [_source(s, f"{where}.sources[{j}]", problems, with_range=True) for j, s in enumerate(sl["sources"])]
-            slices.append(Slice([s for s in sources if s is not None], _ref(sl.get("base_model"), f"{where}.base_model", problems), _params(sl.get("parameters"), where, problems)))
-    elif has_slices:
-        problems.append("slices must be a list")
-    dtype, out_dtype = (_dtype(data.get(k), k, problems) for k in ("dtype", "out_dtype"))
-    tokenizer_source, pad = data.get("tokenizer_source"), None
-    if data.get("tokenizer") is not None:
-        tokenizer_source, pad = _tokenizer(data["tokenizer"], tokenizer_source, problems)
-    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
-        problems.append("tokenizer_source must be base, union or a model")
-        tokenizer_source = None
-    chat = data.get("chat_template")
-    if chat is not None and not isinstance(chat, str):
-        problems.append("chat_template must be a string (auto, a template name, or a Jinja template)")
+    if data.get("tokenizer") is not None and data.get("tokenizer_source") is not None:
+        problems.append("give tokenizer_source or tokenizer, not both")
+    file, found = validate_all(MergeFile, data, WORDING)
+    problems += [p for p in found if p not in problems]
+    file = file or MergeFile()  # nothing usable left: the problems say why
+    from_models = bool(data.get("models"))
+    if from_models:
+        slices = [Slice([Source(m.model, None, m.parameters) for m in file.models or []])]
+    else:
+        slices = [Slice([Source(s.model, s.layer_range, s.parameters) for s in sl.sources], sl.base_model, sl.parameters)
+                  for sl in file.slices or []]
+    tokenizer_source, pad = file.tokenizer_source, None
+    if file.tokenizer is not None:
+        tokenizer_source, pad = file.tokenizer.source, file.tokenizer.pad_to_multiple_of
     config = MergeConfig(
-        merge_method=method if isinstance(method, str) else "",
+        merge_method=file.merge_method if isinstance(file.merge_method, str) else "",
         slices=slices,
-        from_models=has_models,
-        base_model=base,
-        parameters=_params(data.get("parameters"), "", problems),
-        dtype=dtype,
-        out_dtype=out_dtype,
+        from_models=from_models,
+        base_model=file.base_model,
+        parameters=file.parameters,
+        dtype=file.dtype,
+        out_dtype=file.out_dtype,
         tokenizer_source=tokenizer_source,
         pad_to_multiple_of=pad,
-        chat_template=chat if isinstance(chat, str) else None,
+        chat_template=file.chat_template,
     )
     return config, problems
 
 
-def _ref(value: Any, where: str, problems: list[str]) -> str | None:
-    if value is None:
-        return None
+# ---- the YAML as pydantic models: what each key may hold ---------------------------------------
+
+
+def _model_ref(value: Any) -> Any:
+    """mergekit's forms of a model reference (a path, {model: path}, {model: {path: ...}}) as the path."""
     if isinstance(value, dict) and "model" in value and not isinstance(value["model"], dict):
         value = value["model"]
     if isinstance(value, dict) and isinstance(value.get("model"), dict) and "path" in value["model"]:
         if value.get("lora"):
-            problems.append(f"{where}: LoRA model references are not supported; fold the adapter first with `mlc merge lora`")
+            raise problem("LoRA model references are not supported; fold the adapter first with `mlc merge lora`", ": ")
         value = value["model"]["path"]
-    if not isinstance(value, (str, Path)) or not str(value):
-        problems.append(f"{where} must be a model path or reference")
-        return None
-    return str(value)
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        raise problem("must be a model path or reference")
+    return value
 
 
-def _source(entry: Any, where: str, problems: list[str], with_range: bool) -> Source | None:
-    if isinstance(entry, str):
-        entry = {"model": entry}
-    if not isinstance(entry, dict) or "model" not in entry:
-        problems.append(f"{where} needs a model")
-        return None
-    allowed = {"model", "parameters"} | ({"layer_range"} if with_range else set())
-    for key in sorted(set(entry) - allowed):
-        problems.append(f"unknown key {key!r} in {where}")
-    ref = _ref(entry["model"], f"{where}.model", problems)
-    layer_range = None
-    if with_range:
-        lr = entry.get("layer_range")
-        if not (isinstance(lr, (list, tuple)) and len(lr) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in lr)):
-            problems.append(f"{where}.layer_range must be [start, end] with integers, got {lr!r}")
-        elif not 0 <= lr[0] < lr[1]:
-            problems.append(f"{where}.layer_range {list(lr)} is empty or negative")
-        else:
-            layer_range = (lr[0], lr[1])
-    if ref is None:
-        return None
-    return Source(ref, layer_range, _params(entry.get("parameters"), where, problems))
+def _layer_range(value: Any) -> tuple[int, int]:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise problem(f"must be [start, end] with integers, got {value!r}")
+    if not 0 <= value[0] < value[1]:
+        raise problem(f"{list(value)} is empty or negative")
+    return value[0], value[1]
 
 
-def _params(value: Any, where: str, problems: list[str]) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        problems.append(f"{where + '.' if where else ''}parameters must be a mapping")
-        return {}
-    return dict(value)
-
-
-def _dtype(value: Any, key: str, problems: list[str]) -> str | None:
+def _dtype(value: Any) -> str | None:
     if value is None:
         return None
     name = str(value).removeprefix("torch.")
-    if name not in DTYPES:
-        problems.append(f"{key} {value!r} is not one of {', '.join(DTYPES)}")
-        return None
+    if name not in FLOAT_DTYPES:
+        raise problem(f"{value!r} is not one of {', '.join(FLOAT_DTYPES)}")
     return name
 
 
-def _tokenizer(value: Any, tokenizer_source: Any, problems: list[str]) -> tuple[Any, int | None]:
-    if tokenizer_source is not None:
-        problems.append("give tokenizer_source or tokenizer, not both")
-    if not isinstance(value, dict):
-        problems.append("tokenizer must be a mapping with source (and pad_to_multiple_of)")
-        return None, None
-    for key in sorted(set(value) - {"source", "pad_to_multiple_of", "tokens"}):
-        problems.append(f"unknown key {key!r} in tokenizer")
-    if value.get("tokens"):
-        problems.append("tokenizer.tokens (per-token embedding sources) is not supported; new tokens take the mean of the models that have them")
-    pad = value.get("pad_to_multiple_of")
-    if pad is not None and not (isinstance(pad, int) and pad > 0):
-        problems.append(f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}")
-        pad = None
-    source = value.get("source", "union")
-    if isinstance(source, dict):
-        source = _ref(source, "tokenizer.source", problems)
-    return source, pad
+def _no_tokens(value: Any) -> Any:
+    if value:
+        raise problem("(per-token embedding sources) is not supported; new tokens take the mean of the models that have them")
+    return value
+
+
+ModelRef = Annotated[str, BeforeValidator(_model_ref)]
+Parameters = Annotated[dict[str, Any], Field(description="a mapping")]
+Dtype = Annotated[Optional[str], BeforeValidator(_dtype)]
+
+
+class _Section(BaseModel):
+    model_config = Strict
+
+
+class ModelEntry(_Section):
+    """One entry of `models:` (a bare path is short for {model: path})."""
+
+    model: ModelRef
+    parameters: Parameters = {}
+
+
+class SliceSource(_Section):
+    model: ModelRef
+    layer_range: Annotated[tuple[int, int], BeforeValidator(_layer_range)]
+    parameters: Parameters = {}
+
+
+class SliceEntry(_Section):
+    sources: Annotated[list[SliceSource], Field(min_length=1, description="a list of sources")]
+    base_model: Optional[ModelRef] = None
+    parameters: Parameters = {}
+
+
+class TokenizerEntry(_Section):
+    source: ModelRef = "union"
+    pad_to_multiple_of: Optional[Annotated[int, Field(gt=0)]] = None
+    tokens: Annotated[Any, AfterValidator(_no_tokens)] = None
+
+
+class MergeFile(_Section):
+    """The keys a merge YAML may hold (mergekit's, less multi-module architectures)."""
+
+    merge_method: Optional[str] = None  # required: checked by parse_config with the other cross-key rules
+    base_model: Optional[ModelRef] = None
+    models: Optional[list[Annotated[ModelEntry, BeforeValidator(lambda v: {"model": v} if isinstance(v, str) else v)]]] = None
+    slices: Optional[list[SliceEntry]] = None
+    parameters: Parameters = {}
+    dtype: Dtype = None
+    out_dtype: Dtype = None
+    tokenizer_source: Annotated[Optional[str], Field(description="base, union or a model")] = None
+    tokenizer: Annotated[Optional[TokenizerEntry], Field(description="a mapping with source (and pad_to_multiple_of)")] = None
+    chat_template: Annotated[Optional[str], Field(description="a string (auto, a template name, or a Jinja template)")] = None
+
+
+class _MergeWording(Wording):
+    def unknown(self, holder: tuple[Any, ...], key: str, known: list[str]) -> str:
+        hint = " (multi-module architectures are not supported: use models: or slices:)" if key == "modules" and not holder else ""
+        return f"unknown key {key!r}" + (f" in {dotted(holder)}" if holder else "") + hint
+
+
+WORDING = _MergeWording(
+    typed="{key} must be {what}, got {value!r}", table="{key} must be a mapping, got {value!r}", missing="{holder} needs {what}",
+    bound="{key} must be {bound}, got {value!r}",
+)
 
 
 # ---- parameter settings ------------------------------------------------------------------------

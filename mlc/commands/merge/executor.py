@@ -10,7 +10,6 @@ tensors' worth, shared between concurrent jobs), whatever the model size.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -18,10 +17,11 @@ from typing import Callable
 
 import torch
 
-from mlc.commands.merge import tokenizer
+from mlc.commands.merge import threads, tokenizer  # noqa: F401  threads first: it reads torch's default thread count
 from mlc.commands.merge.plan import Job, MergePlan
 from mlc.errors import MlcError
 from mlc.io.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from mlc.rng import keyed_generator
 
 MIN_BUDGET = 32 * 2**20  # lets many small layer tensors be prefetched at once
 
@@ -33,13 +33,6 @@ class Budget:
         self.limit = limit
         self.used = 0
         self._cond = threading.Condition()
-
-    def try_acquire(self, n: int) -> bool:
-        with self._cond:
-            if self.used and self.used + n > self.limit:
-                return False
-            self.used += n
-            return True
 
     def acquire(self, n: int) -> None:
         with self._cond:
@@ -69,12 +62,6 @@ def return_freed_memory_to_os() -> None:
         pass  # not glibc: nothing to tune
 
 
-def job_generator(seed: int, name: str) -> torch.Generator:
-    """A generator seeded by (seed, tensor name): the same merge gives the same bits in any order."""
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-
-
 def merge_job(plan: MergePlan, job: Job, tensors: list[torch.Tensor]) -> torch.Tensor:
     """One output tensor from its inputs (base last when the job has one), in the output dtype."""
     method = plan.method
@@ -89,7 +76,7 @@ def merge_job(plan: MergePlan, job: Job, tensors: list[torch.Tensor]) -> torch.T
         if t.dtype != dtype:
             tensors[i] = t.to(dtype)
     base = tensors.pop() if job.base is not None else None
-    rng = job_generator(plan.seed, job.name) if method.random else None
+    rng = keyed_generator(plan.seed, job.name) if method.random else None
     if job.vocab:
         out = tokenizer.reindex_merge(plan, job, tensors, base, rng)
     else:
@@ -97,7 +84,8 @@ def merge_job(plan: MergePlan, job: Job, tensors: list[torch.Tensor]) -> torch.T
     tensors.clear()
     if tuple(out.shape) != job.shape:
         raise MlcError(f"merge method {method.name} returned shape {tuple(out.shape)} for {job.name}, expected {job.shape}")
-    return out.to(out_dtype)
+    # As mergekit: the method's result is in the compute dtype (`dtype`), then cast to `out_dtype`.
+    return out.to(method.result_dtype(dtype)).to(out_dtype)
 
 
 def read_job(plan: MergePlan, job: Job) -> list[torch.Tensor]:
@@ -158,7 +146,7 @@ def execute(
         if on_done is not None:
             on_done(job)
 
-    threads = torch.get_num_threads()
+    caller_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     done: list[Future[None]] = []
     try:
@@ -178,7 +166,7 @@ def execute(
         writer.abort()
         raise
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(caller_threads)
     return writer.close()
 
 

@@ -21,12 +21,13 @@ from typing import Any, Callable
 
 import torch
 
-from mlc.commands.merge.executor import job_generator, return_freed_memory_to_os
-from mlc.commands.merge.method import MergeMethod
+from mlc.commands.merge.executor import return_freed_memory_to_os
+from mlc.contracts import MergeMethod
 from mlc.errors import InputError, ValidationError
 from mlc.io.hfdir import copy_tokenizer_files, read_config, write_config
 from mlc.io.safetensors_reader import ModelTensors
 from mlc.io.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
+from mlc.rng import keyed_generator
 
 PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -172,10 +173,7 @@ def check_fold(base_dir: Path, adapter_dirs: list[Path], method: MergeMethod | N
     if len(adapter_dirs) > 1 and method is None:
         problems.append("several adapters need --method to combine them (e.g. linear, ties, dare_ties)")
     if method is not None:
-        if method.base == "required":
-            why = method.count_problem(len(adapter_dirs), True)
-        else:
-            why = method.count_problem(len(adapter_dirs), False)
+        why = method.count_problem(len(adapter_dirs), method.takes_base)
         if why:
             problems.append(why)
         try:
@@ -197,8 +195,8 @@ def _fold_one(name: str, w: torch.Tensor, adapters: list[Adapter], method: Merge
         candidates.append(start + d if d is not None else start.clone())
     if method is None:
         return candidates[0]
-    rng = job_generator(seed, name) if method.random else None
-    if method.base == "required":
+    rng = keyed_generator(seed, name) if method.random else None
+    if method.takes_base:
         return method.fn(candidates, base, params, rng)
     return method.fn(candidates, None, params, rng)
 

@@ -25,15 +25,14 @@ import torch
 
 from mlc import plugins
 from mlc.commands.merge.config import MergeConfig, Slice, Source, resolve
-from mlc.commands.merge.method import REQUIRED, MergeMethod
+from mlc.contracts import REQUIRED, MergeMethod
+from mlc.dtypes import torch_dtype
 from mlc.errors import MlcError, ValidationError
-from mlc.io.hfdir import read_config
-from mlc.io.safetensors_reader import ModelTensors
+from mlc.io.dense import DenseModel, open_dense
 
 LAYER_RE = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings")
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight", "output.weight")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -43,10 +42,15 @@ class ModelInput:
     ref: str
     path: Path
     config: dict[str, Any]
-    tensors: ModelTensors
+    tensors: DenseModel  # dense tensors under HF names (dequantised on read for GGUF and quantised directories)
     layer_prefix: str | None = None
     layers: dict[int, dict[str, str]] = field(default_factory=dict)  # layer -> suffix -> tensor name
     others: list[str] = field(default_factory=list)  # tensors outside the layer stack, in file order
+
+    @property
+    def assets(self) -> Path:
+        """The directory holding its tokenizer files."""
+        return self.tensors.assets or self.path
 
     @property
     def num_layers(self) -> int:
@@ -81,17 +85,23 @@ class MergePlan:
     seed: int = 0
     warnings: list[str] = field(default_factory=list)
     param_problems: dict[str, list[str]] = field(default_factory=dict)  # message -> tensors it applies to
+    missing: dict[str, list[str]] = field(default_factory=dict)  # model -> tensors the merge needs that it lacks
+    misshaped: dict[str, list[str]] = field(default_factory=dict)  # model -> "name has shape [..], expected [..]"
+
+    def close(self) -> None:
+        """Close every input (a GGUF input removes its unpacked tokenizer)."""
+        for m in self.models:
+            m.tensors.close()
 
     def input_bytes(self, job: Job) -> int:
         refs = job.inputs + ([job.base] if job.base else [])
         return sum(self.models[m].tensors.info(n).nbytes for m, n in refs)
 
     def output_dtype(self, job: Job) -> torch.dtype:
+        """out_dtype, else what the method returns for the compute dtype (as mergekit stores it)."""
         if self.out_dtype is not None:
             return self.out_dtype
-        if self.dtype is not None:
-            return self.dtype
-        return self.compute_dtype(job)
+        return self.method.result_dtype(self.compute_dtype(job))
 
     def compute_dtype(self, job: Job) -> torch.dtype:
         if self.dtype is not None:
@@ -110,10 +120,7 @@ def resolve_ref(ref: str, runs_root: Path) -> Path:
 
 
 def load_method(name: str) -> MergeMethod:
-    obj = plugins.load_one("merge_methods", name)
-    if not isinstance(obj, MergeMethod):
-        raise MlcError(f"merge method {name!r} is not a MergeMethod", "declare it with mlc.commands.merge.method.merge_method")
-    return obj
+    return plugins.load_one("merge_methods", name)  # discovery checked that it is a MergeMethod
 
 
 def open_models(refs: list[str], runs_root: Path, problems: list[str]) -> dict[str, ModelInput]:
@@ -122,14 +129,11 @@ def open_models(refs: list[str], runs_root: Path, problems: list[str]) -> dict[s
     for ref in refs:
         try:
             path = resolve_ref(ref, runs_root)
-            if not path.is_dir():
-                raise MlcError(f"{path} is not a model directory")
-            config = read_config(path)
-            tensors = ModelTensors(path)
+            tensors = open_dense(path)
         except MlcError as e:
             problems.append(f"model {ref}: {e.message}")
             continue
-        model = ModelInput(ref, path, config, tensors)
+        model = ModelInput(ref, path, tensors.config, tensors)
         _find_layers(model, problems)
         opened[ref] = model
     return opened
@@ -171,7 +175,25 @@ def build_plan(
     except MlcError as e:
         problems.append(e.one_line())
     models = open_models(config.model_refs(), runs_root, problems)
+    try:
+        return _plan(config, runs_root, method, models, problems, parameter_overrides, seed)
+    except BaseException:
+        for m in models.values():
+            m.tensors.close()
+        raise
+
+
+def _plan(
+    config: MergeConfig,
+    runs_root: Path,
+    method: MergeMethod | None,
+    models: dict[str, ModelInput],
+    problems: list[str],
+    parameter_overrides: dict[str, Any] | None,
+    seed: int,
+) -> MergePlan:
     _check_architectures(models, problems)
+    experts_differ = _check_experts(models, problems)
     if config.chat_template:
         from mlc.commands.merge import chat_templates
 
@@ -192,8 +214,8 @@ def build_plan(
         models=[models[r] for r in refs],
         jobs=[],
         donor=index[donor_ref],
-        dtype=DTYPES.get(config.dtype or ""),
-        out_dtype=DTYPES.get(config.out_dtype or ""),
+        dtype=torch_dtype(config.dtype) if config.dtype else None,
+        out_dtype=torch_dtype(config.out_dtype) if config.out_dtype else None,
         out_config={},
         seed=seed,
     )
@@ -208,6 +230,8 @@ def build_plan(
 
     plan.vocab = tokenizer.plan_vocab(plan, problems)
     _check_shapes(plan, problems)
+    if not experts_differ:  # else the missing experts and router shapes only restate that
+        problems += _tensor_problems(plan)
     if problems:
         raise ValidationError(_dedupe(problems), what="merge config")
     plan.out_config = _out_config(plan, sum(_slice_len(s) for s in slices))
@@ -221,6 +245,19 @@ def _check_architectures(models: dict[str, ModelInput], problems: list[str]) -> 
         for ref, arch in archs.items():
             if arch != archs[first]:
                 problems.append(f"model {ref} is a {'/'.join(arch)}, but {first} is a {'/'.join(archs[first])}: architectures must match")
+
+
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _check_experts(models: dict[str, ModelInput], problems: list[str]) -> bool:
+    """MoE models merge expert by expert (and router with router), so every model needs the same expert count."""
+    counts = {ref: next((m.config[k] for k in EXPERT_KEYS if isinstance(m.config.get(k), int)), None) for ref, m in models.items()}
+    if len(set(counts.values())) <= 1:
+        return False
+    detail = ", ".join(f"{ref}: {n or 'dense'}" for ref, n in counts.items())
+    problems.append(f"MoE models merge expert by expert and need the same number of experts ({detail})")
+    return True
 
 
 def _slice_len(s: Slice) -> int:
@@ -255,10 +292,10 @@ def _normalize_slices(config: MergeConfig, method: MergeMethod, models: dict[str
         if len(lengths) > 1:
             detail = ", ".join(f"{r.model}: {r.layer_range[1] - r.layer_range[0]}" for r in resolved)
             problems.append(f"{where}: every source must span the same number of layers ({detail})")
-        if method.base == "required" and base is not None and all(r.model != base for r in resolved):
+        if method.takes_base and base is not None and all(r.model != base for r in resolved):
             problems.append(f"{where}: the base model {base} must be one of the sources")
-        n_models = sum(r.model != base for r in resolved) if method.base == "required" else len(resolved)
-        why = method.count_problem(n_models, base is not None or method.base != "required")
+        n_models = sum(r.model != base for r in resolved) if method.takes_base else len(resolved)
+        why = method.count_problem(n_models, base is not None)
         if why:
             problems.append(f"{where}: {why}" if config.slices[1:] else why)
         slices.append(Slice(resolved, base, sl.parameters))
@@ -266,7 +303,7 @@ def _normalize_slices(config: MergeConfig, method: MergeMethod, models: dict[str
 
 
 def _plan_jobs(plan: MergePlan, slices: list[Slice], global_levels: list[dict[str, Any]], index: dict[str, int], problems: list[str]) -> None:
-    method, donor = plan.method, plan.models[plan.donor]
+    donor = plan.models[plan.donor]
     others = list(donor.others)
     for m in plan.models:  # a head that only untied models have still gets merged
         others += [n for n in m.others if n in HEAD_NAMES and n not in others]
@@ -305,9 +342,9 @@ def _add_job(plan, sl, out_name, input_name, t, group, global_levels, index, pro
             if name is not None and name not in model.tensors and name in HEAD_NAMES:
                 name = _tied_embedding(model)  # a tied head is the input embedding
             if name is None or name not in model.tensors:
-                problems.append(f"model {src.model} has no tensor {name or out_name}")
+                plan.missing.setdefault(src.model, []).append(name or out_name)
                 continue
-            if method.base == "required" and src.model == sl.base_model:
+            if method.takes_base and src.model == sl.base_model:
                 base = (index[src.model], name)
                 continue
             inputs.append((index[src.model], name))
@@ -370,9 +407,25 @@ def _check_shapes(plan: MergePlan, problems: list[str]) -> None:
             else:
                 ok = info.shape == job.shape
             if not ok:
-                problems.append(f"model {plan.models[m].ref}: {name} has shape {list(info.shape)}, expected {list(job.shape)}")
+                plan.misshaped.setdefault(plan.models[m].ref, []).append(f"{name} has shape {list(info.shape)}, expected {list(job.shape)}")
             if not info.dtype.is_floating_point and info.dtype != plan.models[job.inputs[0][0]].tensors.info(job.inputs[0][1]).dtype:
                 problems.append(f"model {plan.models[m].ref}: {name} is {info.dtype}, other inputs are not")
+
+
+def _tensor_problems(plan: MergePlan, shown: int = 3) -> list[str]:
+    """Missing and misshaped tensors, one line per model (a Llama against a GPT-2 lacks hundreds)."""
+    lines = []
+    for ref, names in plan.missing.items():
+        if len(names) <= shown:
+            lines += [f"model {ref} has no tensor {n}" for n in names]
+        else:
+            lines.append(f"model {ref} lacks {len(names)} tensors the merge needs ({', '.join(names[:shown])}, ...)")
+    for ref, found in plan.misshaped.items():
+        if len(found) <= shown:
+            lines += [f"model {ref}: {f}" for f in found]
+        else:
+            lines.append(f"model {ref}: {len(found)} tensors have other shapes ({'; '.join(found[:shown])}; ...)")
+    return lines
 
 
 def _dedupe(problems: list[str]) -> list[str]:
@@ -381,6 +434,7 @@ def _dedupe(problems: list[str]) -> list[str]:
 
 def _out_config(plan: MergePlan, n_layers: int) -> dict[str, Any]:
     cfg = copy.deepcopy(plan.models[plan.donor].config)
+    cfg.pop("quantization_config", None)  # quantised inputs are read dense: the output is dense
     if "num_hidden_layers" in cfg or "n_layer" not in cfg:
         cfg["num_hidden_layers"] = n_layers
     else:

@@ -15,16 +15,22 @@ with known points, and time budgets): CMA-ES (`cmaes`, via the `cmaes` package) 
 NSGA-II (`nsga2`) on the per-objective losses for a multi-objective search. Either way every
 evaluated point, the pool members and the uniform average included, goes into the trial table, and
 the Pareto front is taken over all of them.
+
+Candidates are asked a generation at a time and scored in parallel: in local worker processes
+(`workers`), or in Ray actors on a cluster or a local Ray instance (`ray`), as mergekit-evolve does;
+results are told back in candidate order, so a seed gives the same search on every backend.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +93,8 @@ def parse_objectives(specs: list[str], tokenizer: Any, problems: list[str]) -> l
 
 
 def _read_objective(name: str, path: Path, tokenizer: Any) -> Objective:
-    from mlc.models.evaluate import read_texts, tokenize_texts
+    from mlc.io.texts import read_texts
+    from mlc.models.evaluate import tokenize_texts
 
     if path.suffix.lower() in (".jsonl", ".ndjson"):
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -129,6 +136,66 @@ class Pool:
                     param.add_(state[name], alpha=w)
 
 
+class Evaluator:
+    """Scores candidate weights on every objective: in this process, a worker process or a Ray actor."""
+
+    def __init__(self, paths: list[Path], objectives: list[Objective], context: int, threads: int | None = None):
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.pool = Pool(paths)
+        self.objectives = objectives
+        self.context = context
+
+    def evaluate(self, weights: list[float]) -> tuple[dict[str, float], dict[str, float]]:
+        """(loss, reported value) per objective for the merge with these weights."""
+        self.pool.set_weights(weights)
+        losses, values = {}, {}
+        for o in self.objectives:
+            losses[o.name], values[o.name] = o.loss(self.pool.model, self.context)
+        return losses, values
+
+
+_worker: Evaluator | None = None  # a worker process's evaluator, built once by _start_worker
+
+
+def _start_worker(paths: list[Path], objectives: list[Objective], context: int, threads: int) -> None:
+    global _worker
+    _worker = Evaluator(paths, objectives, context, threads)
+
+
+def _evaluate_in_worker(weights: list[float]) -> tuple[dict[str, float], dict[str, float]]:
+    assert _worker is not None
+    return _worker.evaluate(weights)
+
+
+Batch = Callable[[list[list[float]]], list[tuple[dict[str, float], dict[str, float]]]]
+
+
+@contextmanager
+def evaluators(paths: list[Path], objectives: list[Objective], context: int, workers: int = 1, ray: str | None = None) -> Iterator[Batch]:
+    """A function scoring a batch of candidates, results in candidate order: here (workers=1), in `workers`
+    local processes (each with its own copy of the pool), or in `workers` Ray actors (ray: an address,
+    or "local" for a Ray instance on this machine; workers=0 means one per CPU of the cluster)."""
+    if ray is not None:
+        from mlc.distributed.ray import actor_pool, cluster_cpus, ray_session
+
+        with ray_session(ray):
+            actors = actor_pool(Evaluator, (paths, objectives, context, 1), actors=workers or cluster_cpus())
+            yield lambda batch: list(actors.map(lambda actor, w: actor.evaluate.remote(w), batch))
+        return
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        spawn = multiprocessing.get_context("spawn")  # never fork a process that has started torch's threads
+        with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_start_worker, initargs=(paths, objectives, context, threads)) as ex:
+            yield lambda batch: list(ex.map(_evaluate_in_worker, batch))
+        return
+    here = Evaluator(paths, objectives, context)
+    yield lambda batch: [here.evaluate(w) for w in batch]
+
+
 def normalised(weights: list[float]) -> list[float]:
     total = sum(max(0.0, w) for w in weights)
     return [max(0.0, w) / total for w in weights] if total > 0 else [1.0 / len(weights)] * len(weights)
@@ -152,8 +219,25 @@ class SearchResult:
     objectives: list[str]
 
 
+def time_it() -> Callable[[], float]:
+    """Seconds since this call, as a function (the search checks its time budget between rounds)."""
+    start = time.monotonic()
+    return lambda: time.monotonic() - start
+
+
+def population(optimizer: str, n: int, trials: int) -> int:
+    """Candidates asked per round: CMA-ES's default population (4 + 3 ln n), NSGA-II's population.
+
+    Rounds are scored in parallel and told to the optimiser in candidate order, so the size of a round,
+    never the number of workers, shapes the search: the same seed gives the same trials on any backend.
+    """
+    if optimizer == "cmaes":
+        return 4 + int(3 * math.log(n))
+    return max(4, min(16, trials // 3))
+
+
 def search(
-    pool: Pool,
+    paths: list[Path],
     objectives: list[Objective],
     optimizer: str = "cmaes",
     trials: int = 40,
@@ -161,51 +245,47 @@ def search(
     seed: int = 0,
     context: int = 256,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    workers: int = 1,
+    ray: str | None = None,
 ) -> SearchResult:
-    """Evaluate the pool members and their uniform average, then search; return every trial and the front."""
+    """Evaluate the pool members and their uniform average, then search in rounds; return every trial and the front."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    n = len(pool.paths)
+    n = len(paths)
     table: list[dict[str, Any]] = []
-
-    def evaluate(weights: list[float], kind: str) -> dict[str, Any]:
-        pool.set_weights(weights)
-        losses, values = {}, {}
-        for o in objectives:
-            losses[o.name], values[o.name] = o.loss(pool.model, context)
-        row = {"trial": len(table), "kind": kind, "weights": [round(w, 6) for w in weights], "losses": losses, "values": values}
-        table.append(row)
-        return row
-
-    for i in range(n):
-        evaluate([1.0 if j == i else 0.0 for j in range(n)], f"pool:{pool.paths[i].name}")
-    evaluate([1.0 / n] * n, "uniform")
-
-    def macro(row: dict[str, Any]) -> float:
-        return sum(row["losses"].values()) / len(row["losses"])
-
-    for row in table:
-        row["macro"] = macro(row)
-        if on_trial is not None:
-            on_trial(row)
-
-    def objective(trial: Any) -> Any:
-        weights = normalised([trial.suggest_float(f"w{i}", 0.0, 1.0) for i in range(n)])
-        row = evaluate(weights, "search")
-        row["macro"] = macro(row)
-        if on_trial is not None:
-            on_trial(row)
-        return row["macro"] if optimizer == "cmaes" else [row["losses"][o.name] for o in objectives]
-
+    elapsed = time_it()
+    size = population(optimizer, n, trials)
     if optimizer == "cmaes":
-        sampler = optuna.samplers.CmaEsSampler(seed=seed, x0={f"w{i}": 0.5 for i in range(n)}, sigma0=0.25)
+        sampler = optuna.samplers.CmaEsSampler(seed=seed, x0={f"w{i}": 0.5 for i in range(n)}, sigma0=0.25, popsize=size)
         study = optuna.create_study(direction="minimize", sampler=sampler)
     else:
-        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(16, trials // 3)))
+        sampler = optuna.samplers.NSGAIISampler(seed=seed, population_size=size)
         study = optuna.create_study(directions=["minimize"] * len(objectives), sampler=sampler)
     study.enqueue_trial({f"w{i}": 0.5 for i in range(n)})  # start from the uniform average
-    study.optimize(objective, n_trials=trials, timeout=time_budget)
+
+    with evaluators(paths, objectives, context, workers, ray) as run_batch:
+
+        def record(candidates: list[list[float]], kinds: list[str]) -> list[dict[str, Any]]:
+            rows = []
+            for weights, kind, (losses, values) in zip(candidates, kinds, run_batch(candidates)):
+                row = {"trial": len(table), "kind": kind, "weights": [round(w, 6) for w in weights], "losses": losses, "values": values}
+                row["macro"] = sum(losses.values()) / len(losses)
+                table.append(row)
+                rows.append(row)
+                if on_trial is not None:
+                    on_trial(row)
+            return rows
+
+        members = [[1.0 if j == i else 0.0 for j in range(n)] for i in range(n)]
+        record(members + [[1.0 / n] * n], [f"pool:{p.name}" for p in paths] + ["uniform"])
+        done = 0
+        while done < trials and (time_budget is None or elapsed() < time_budget):
+            asked = [study.ask() for _ in range(min(size, trials - done))]
+            candidates = [normalised([t.suggest_float(f"w{i}", 0.0, 1.0) for i in range(n)]) for t in asked]
+            for t, row in zip(asked, record(candidates, ["search"] * len(asked))):
+                study.tell(t, row["macro"] if optimizer == "cmaes" else [row["losses"][o.name] for o in objectives])
+            done += len(asked)
     front = pareto_front([[r["losses"][o.name] for o in objectives] for r in table])
     best = min(range(len(table)), key=lambda i: table[i]["macro"])
     return SearchResult(table, front, best, [o.name for o in objectives])
@@ -246,12 +326,7 @@ def check_pool(paths: list[Path], runs_root: Path) -> None:
 
     if len(paths) < 2:
         raise ValidationError(["a search needs at least two pool models"], what="merge search")
-    plan_merge({"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]}, runs_root)
-
-
-def time_it() -> Callable[[], float]:
-    start = time.perf_counter()
-    return lambda: time.perf_counter() - start
+    plan_merge({"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in paths]}, runs_root).close()
 
 
 def macro_summary(result: SearchResult) -> dict[str, Any]:

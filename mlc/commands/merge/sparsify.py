@@ -1,163 +1,78 @@
-"""Sparsification of task vectors (deltas): magnitude top-k, random drop (DARE), breadcrumbs, DELLA.
+"""Sparsification of task vectors (deltas): magnitude top-k (TIES), breadcrumbs, random drop (DARE), DELLA.
 
-The magnitude selections keep exactly the entries that a stable sort of |delta| would put in the
-kept range: mergekit's choice of entries, except that among entries of equal magnitude straddling
-the threshold mlc keeps the lowest indices (mergekit leaves that to an unstable sort). The rank is
-found without sorting: |delta|'s bit pattern is a non-negative integer that orders like the value,
-so a histogram of the bit patterns (one pass, radix select) gives the threshold exactly, in the
-input dtype. Every function here works in place on the delta it is given.
+The magnitude selections keep exactly the entries mergekit keeps. mergekit ranks |delta| (cast to
+float32) with torch's CPU sort, which is not stable: among equal magnitudes at the threshold (common
+between bf16 weights) the picks follow std::sort's partitions. `sorted_range_keep` gets those same
+picks from sortselect.c, which replays only the partitions that decide them (a few times faster than
+the full sort), or from torch's sort itself where that kernel is not available. Every function here
+works in place on the delta it is given.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
-CHUNK = 1 << 22  # elements per pass where int64 temporaries would otherwise scale with the tensor
-# _numbered's pass: only the chunk that straddles the wanted range pays for an int64 running count, so a
-# small chunk keeps that cost off whole tensors (bf16 deltas tie a lot: it was a fifth of a TIES merge).
-NUMBER_CHUNK = 1 << 16
+from mlc.commands.merge import native
 
-_KEY_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
-_KEY_MAX = {torch.int16: 0x7FFF, torch.int32: 0x7FFFFFFF, torch.int64: 0x7FFFFFFFFFFFFFFF}
+CHUNK = 1 << 22  # elements per pass of the random drop
+_KIND = {torch.float32: 0, torch.bfloat16: 1}  # delta dtypes the kernel reads directly (others: |delta| given)
+_scratch = threading.local()  # per worker thread: page-faulting fresh buffers for every tensor cost a tenth of a merge
 
 
-def magnitude_keys(t: torch.Tensor) -> torch.Tensor:
-    """Integers that order like |t|: the bit pattern with the sign bit cleared."""
-    view = _KEY_VIEW.get(t.dtype)
-    if view is None:
-        raise TypeError(f"magnitude selection needs a floating tensor, not {t.dtype}")
-    return t.reshape(-1).view(view) & _KEY_MAX[view]
+def _buffers(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    w, ix = getattr(_scratch, "w", None), getattr(_scratch, "ix", None)
+    if w is None or w.numel() < n:
+        _scratch.w = _scratch.ix = None
+        w, ix = torch.empty(n, dtype=torch.float32), torch.empty(n, dtype=torch.int32)
+        _scratch.w, _scratch.ix = w, ix
+    return w[:n], ix[:n]
+
+
+def sorted_range_keep(delta: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
+    """A flat uint8 mask of the entries that torch.sort(|delta| as float32, descending) puts at start..stop-1.
+
+    The mask is scratch memory of this thread: use it before the next call.
+    """
+    flat = delta.reshape(-1)
+    n = flat.numel()
+    lib = native.library()
+    if lib is not None and n < 2**31 and flat.is_contiguous():
+        w, ix = _buffers(n)
+        kind = _KIND.get(flat.dtype, 2)
+        if kind == 2:
+            w.copy_(flat.abs())
+        keep = w.view(torch.uint8)[:n]  # written after w is read
+        if lib.mlc_sort_select(flat.data_ptr(), kind, w.data_ptr(), ix.data_ptr(), n, start, stop, int(descending), keep.data_ptr()) == 0:
+            return keep
+    # A NaN, introsort's depth limit or no compiler: sort with torch, as mergekit does.
+    order = torch.sort(flat.abs().float(), descending=descending).indices[start:stop]
+    keep = torch.zeros(n, dtype=torch.uint8)
+    keep[order] = 1
+    return keep
 
 
 def keep_only_(delta: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Zero the entries of delta where keep is False, in place.
-
-    Multiplying the integer view of the bits by the 0/1 mask gives exactly masked_fill's +0.0, and is
-    13x faster on bf16 here (1.0 vs 13 ms for 3.5 M entries), where float ops convert element by element.
-    """
-    view = _KEY_VIEW.get(delta.dtype)
-    if view is None or not delta.is_contiguous():
-        return delta.masked_fill_(~keep.view(delta.shape), 0)
-    delta.view(view).mul_(keep.view(delta.shape))
-    return delta
+    """Zero the entries of delta where the flat uint8 mask keep is 0, in place (+0.0, as masked_fill gives)."""
+    lib = native.library()
+    if lib is not None and delta.is_contiguous() and delta.element_size() in (2, 4):
+        lib.mlc_apply_keep(delta.data_ptr(), delta.element_size(), keep.data_ptr(), delta.numel())
+        return delta
+    return delta.masked_fill_(keep.view(delta.shape) == 0, 0)
 
 
-def _histogram(keys: torch.Tensor, width: int) -> torch.Tensor:
-    return torch.bincount(keys.reshape(-1), minlength=1 << width)
-
-
-def kth_keys(keys: torch.Tensor, ks: list[int]) -> list[tuple[int, int, int]]:
-    """For each k: the k-th smallest key (0-based), how many keys are smaller, how many equal it."""
-    if keys.dtype == torch.int64:  # float64 inputs: rare enough for kthvalue
-        found = []
-        for k in ks:
-            value = int(torch.kthvalue(keys, k + 1).values)
-            found.append((value, int(torch.count_nonzero(keys < value)), int(torch.count_nonzero(keys == value))))
-        return found
-    if keys.dtype == torch.int16:  # 15-bit keys: one histogram holds every distinct value
-        counts = _histogram(keys, 15)
-        cum = counts.cumsum(0)
-        found = []
-        for k in ks:
-            value = int(torch.searchsorted(cum, k, right=True))
-            found.append((value, int(cum[value]) - int(counts[value]), int(counts[value])))
-        return found
-    # 31-bit keys: the high 15 bits first, then the low 16 bits inside the bucket that holds rank k.
-    high = keys >> 16
-    cum_hi = _histogram(high, 15).cumsum(0)
-    found = []
-    for k in ks:
-        hi = int(torch.searchsorted(cum_hi, k, right=True))
-        below_hi = int(cum_hi[hi - 1]) if hi else 0
-        counts = _histogram(keys[high == hi] & 0xFFFF, 16)
-        cum = counts.cumsum(0)
-        lo = int(torch.searchsorted(cum, k - below_hi, right=True))
-        found.append(((hi << 16) | lo, below_hi + int(cum[lo]) - int(counts[lo]), int(counts[lo])))
-    return found
-
-
-def _numbered(mask: torch.Tensor, skip: int, n: int) -> torch.Tensor:
-    """Of the True entries of a flat bool mask, the ones numbered skip .. skip+n-1 (in index order)."""
-    out = torch.zeros_like(mask)
-    seen = 0
-    for start in range(0, mask.numel(), NUMBER_CHUNK):
-        part = mask[start : start + NUMBER_CHUNK]
-        count = int(torch.count_nonzero(part))
-        if skip <= seen and seen + count <= skip + n:
-            out[start : start + NUMBER_CHUNK] = part  # the whole chunk is inside the wanted range
-        elif seen + count > skip and seen < skip + n:
-            number = part.cumsum(0, dtype=torch.int64) + (seen - 1)  # the number of each True entry
-            out[start : start + NUMBER_CHUNK] = part & (number >= skip) & (number < skip + n)
-        seen += count
-        if seen >= skip + n:
-            break
-    return out
-
-
-def rank_range_mask(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Flat bool mask of the entries at positions start..stop-1 of a stable ascending sort of keys."""
-    n = keys.numel()
-    start, stop = max(0, start), min(n, stop)
-    if start >= stop:
-        return torch.zeros(n, dtype=torch.bool)
-    if start == 0 and stop == n:
-        return torch.ones(n, dtype=torch.bool)
-    wanted = ([start] if start > 0 else []) + ([stop - 1] if stop < n else [])
-    found = kth_keys(keys, wanted)
-    lo, below_lo, _ = found[0] if start > 0 else (None, 0, 0)
-    hi, below_hi, _ = found[-1] if stop < n else (None, 0, 0)
-    if lo is not None and lo == hi:
-        return _numbered(keys == lo, start - below_lo, stop - start)
-    if lo is None:
-        mask = keys < hi
-    elif hi is None:
-        mask = keys > lo
-    else:
-        mask = (keys > lo) & (keys < hi)
-    if lo is not None:
-        mask |= _numbered(keys == lo, start - below_lo, n)  # equal keys at the bottom: the later ones are in
-    if hi is not None:
-        mask |= _numbered(keys == hi, 0, stop - below_hi)  # equal keys at the top: the earlier ones are in
-    return mask
-
-
-def _argsort_keep(delta: torch.Tensor, start: int, stop: int, descending: bool) -> torch.Tensor:
-    """mergekit's selection: positions start..stop-1 of torch's (unstable) sort of |delta| in float32."""
-    order = torch.argsort(delta.abs().reshape(-1).float(), descending=descending)[start:stop]
-    keep = torch.zeros(delta.numel(), dtype=torch.bool)
-    keep[order] = True
-    return keep.view(delta.shape)
-
-
-def magnitude_(delta: torch.Tensor, density: float, tie_order: str = "index") -> torch.Tensor:
-    """Zero all but the int(density * n) largest-magnitude entries (at least one), in place.
-
-    Entries of equal magnitude at the threshold are kept lowest index first, as a stable sort would;
-    tie_order="argsort" sorts like mergekit instead (a full sort, slower, and the same picks).
-    """
+def magnitude_(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the int(density * n) largest-magnitude entries (at least one), in place: mergekit's `magnitude`."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
         return delta.zero_()
-    n = delta.numel()
-    k = max(1, int(density * n))
-    if tie_order == "argsort":
-        return delta.masked_fill_(~_argsort_keep(delta, 0, k, descending=True), 0)
-    keys = magnitude_keys(delta)
-    ((value, below, equal),) = kth_keys(keys, [n - k])  # the smallest key that is kept
-    keep_equal = k - (n - below - equal)  # how many of the keys equal to it are kept
-    if keep_equal == equal:
-        keep = keys >= value
-    elif keep_equal == 0:
-        keep = keys > value
-    else:
-        keep = keys > value
-        keep |= _numbered(keys == value, 0, keep_equal)  # the first keep_equal of the ties, by index
-    del keys
-    return keep_only_(delta, keep)
+    k = max(1, int(density * delta.numel()))
+    return keep_only_(delta, sorted_range_keep(delta, 0, k, descending=True))
 
 
-def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float, tie_order: str = "index") -> torch.Tensor:
+def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Model Breadcrumbs: drop the gamma fraction of largest magnitudes, then the smallest, keeping int(density*n)."""
     if density >= 1:
         return delta
@@ -165,11 +80,7 @@ def magnitude_outliers_(delta: torch.Tensor, density: float, gamma: float, tie_o
     target = int(density * n)
     n_top = int(gamma * n)
     n_bottom = max(0, n - target - n_top)  # fewer outliers are dropped when density asks for more
-    if tie_order == "argsort":
-        keep = _argsort_keep(delta, n_bottom, n_bottom + target, descending=False)
-    else:
-        keep = rank_range_mask(magnitude_keys(delta), n_bottom, n_bottom + target)
-    return keep_only_(delta, keep)
+    return keep_only_(delta, sorted_range_keep(delta, n_bottom, n_bottom + target, descending=False))
 
 
 def bernoulli_keep_(delta: torch.Tensor, density: float, rng: torch.Generator) -> torch.Tensor:
@@ -209,9 +120,17 @@ def della_keep_(
     return delta
 
 
-def rescale_l1_(delta: torch.Tensor, original_l1: float, eps: float = 1e-7) -> torch.Tensor:
-    """Scale a sparsified delta back to the L1 norm it had before (mergekit's `rescale`)."""
-    after = float(delta.abs().sum(dtype=torch.float64))
-    if original_l1 < eps or after < eps:
+def l1_norm(delta: torch.Tensor) -> torch.Tensor:
+    """sum |delta| as mergekit's rescaling computes it: a 0-d tensor in delta's dtype, summed as a default torch process sums."""
+    from mlc.commands.merge.threads import default_threads
+
+    with default_threads():
+        return delta.abs().sum()
+
+
+def rescale_l1_(delta: torch.Tensor, before: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Scale a sparsified delta back to the L1 norm it had before (mergekit's `rescale`), in its dtype."""
+    after = l1_norm(delta)
+    if bool(before < eps) or bool(after < eps):
         return delta
-    return delta.mul_(original_l1 / after)
+    return delta.mul_(before / after)

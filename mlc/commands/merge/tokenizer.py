@@ -55,7 +55,7 @@ def plan_vocab(plan: Any, problems: list[str]) -> VocabPlan | None:
     source = plan.config.tokenizer_source
     if not vocab_jobs:
         return None
-    vocabs = {m: read_vocab(models[m].path) for m in used}
+    vocabs = {m: read_vocab(models[m].assets) for m in used}
     if source is None:
         _check_same(plan, vocabs, problems)
         return None
@@ -72,10 +72,10 @@ def plan_vocab(plan: Any, problems: list[str]) -> VocabPlan | None:
         src = donor
     else:
         src = next((i for i, m in enumerate(models) if m.ref == source), None)
-        if src is None or (src not in vocabs and read_vocab(models[src].path) is None):
+        if src is None or (src not in vocabs and read_vocab(models[src].assets) is None):
             problems.append(f"tokenizer_source {source} has no tokenizer.json")
             return None
-        vocabs.setdefault(src, read_vocab(models[src].path))
+        vocabs.setdefault(src, read_vocab(models[src].assets))
     limit = {m: int(models[m].config.get("vocab_size", 1 << 62)) for m in vocabs}
     out_vocab = {t: i for t, i in vocabs[src][0].items() if i < limit[src]}
     tokenizer, added = None, []
@@ -131,11 +131,11 @@ def _union(models: list[Any], used: list[int], src: int, vocabs: dict[int, Any],
     """The source tokenizer extended with every token the other models have, in their id order."""
     from tokenizers import AddedToken, Tokenizer
 
-    tokenizer = Tokenizer.from_file(str(models[src].path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(models[src].assets / "tokenizer.json"))
     present = set(tokenizer.get_vocab(with_added_tokens=True))
     added = []
     for m in [src] + [m for m in used if m != src]:
-        special = _special_tokens(models[m].path)
+        special = _special_tokens(models[m].assets)
         for tok, i in sorted(vocabs[m][0].items(), key=lambda kv: kv[1]):
             if tok in present or i >= limit[m]:
                 continue
@@ -189,7 +189,7 @@ def write_tokenizer(plan: Any, out_dir: Path) -> list[str]:
     from mlc.io.hfdir import copy_tokenizer_files
 
     src_index = plan.vocab.source if plan.vocab is not None else plan.donor
-    src = plan.models[src_index].path
+    src = plan.models[src_index].assets
     written = copy_tokenizer_files(src, out_dir)
     if plan.vocab is not None and plan.vocab.tokenizer is not None:
         plan.vocab.tokenizer.save(str(out_dir / "tokenizer.json"))
@@ -216,7 +216,7 @@ def set_chat_template(plan: Any, out_dir: Path) -> None:
     if not choice:
         return
     if choice == "auto":
-        found = [t for t in (chat_templates.read_template(m.path) for m in plan.models) if t]
+        found = [t for t in (chat_templates.read_template(m.assets) for m in plan.models) if t]
         if not found:
             return
         template = max(set(found), key=found.count)

@@ -17,7 +17,8 @@ def plugins(
     """List every plugin with its package and version, and any that failed to import."""
     from rich.table import Table
 
-    from mlc import console, options, plugins as registry
+    from mlc import console, options
+    from mlc import plugins as registry
 
     rows = []
     for kind in registry.GROUPS:

@@ -7,41 +7,15 @@ average, otherwise the calibration statistics would be mostly copies of the same
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mlc.errors import InputError
+from mlc.io.texts import read_texts
 
 MAX_REUSE = 2.0
-
-
-def read_calibration_texts(path: Path) -> list[str]:
-    """Documents from plain text (one document) or JSONL with a "text" field or chat "messages" per line."""
-    if not path.is_file():
-        raise InputError(f"calibration file {path} does not exist", "pass a .txt or .jsonl file with --calib")
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix.lower() not in (".jsonl", ".ndjson"):
-        return [raw]
-    texts = []
-    for n, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record: Any = json.loads(line)
-        except json.JSONDecodeError:
-            raise InputError(f"{path}:{n} is not valid JSON", "each line of a .jsonl file is one JSON object") from None
-        if isinstance(record, dict) and isinstance(record.get("text"), str):
-            texts.append(record["text"])
-        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-            texts.append("\n".join(str(m.get("content", "")) for m in record["messages"] if isinstance(m, dict)))
-        else:
-            raise InputError(f"{path}:{n} has neither a 'text' string nor a 'messages' list", 'write lines like {"text": "..."}')
-    if not texts:
-        raise InputError(f"{path} holds no records", "give at least one line with a text field")
-    return texts
 
 
 def calibration_windows(token_ids: list[int], samples: int, seq_len: int, source: str) -> torch.Tensor:
@@ -61,5 +35,5 @@ def calibration_windows(token_ids: list[int], samples: int, seq_len: int, source
 
 def load_calibration(path: Path, tokenizer: Any, samples: int, seq_len: int) -> torch.Tensor:
     """Tokenised calibration windows from a file, documents joined by a blank line."""
-    texts = read_calibration_texts(path)
+    texts = read_texts(path, option="--calib", chat=True)
     return calibration_windows(tokenizer.encode("\n\n".join(texts)), samples, seq_len, str(path))

@@ -4,7 +4,10 @@ For each block: load its weights, run the calibration hidden states through it o
 the scheme needs about each Linear's inputs (X^T X for GPTQ and DAQ, per-feature max |x| for
 LLM.int8), quantise its Linears, swap the quantised modules in, and run the block again: those
 outputs, with the quantisation error of every block so far in them, are the next block's inputs.
-Peak memory is one block plus the hidden states (bf16), whatever the model's depth.
+A statistic that does not compensate earlier error (LLM.int8's outlier threshold) takes the original
+block's outputs from the first run instead, which halves the forward passes and skips the slowest
+one (LLM.int8's activation rounding). Peak memory is one block plus the hidden states (bf16),
+whatever the model's depth.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from torch import nn
 
 from mlc.io.safetensors_reader import ModelTensors
 from mlc.kernels.quant_linear import quant_linear
-from mlc.kernels.quant_load import set_module
 from mlc.kernels.quant_weights import QuantWeight
+from mlc.models.quant_load import set_module
 
 COMPUTE_DTYPE = torch.bfloat16  # calibration forward passes: the CPU's fast GEMM
 CHUNK_TOKENS = 4096  # tokens per forward chunk: bounds the MLP's intermediate activations
@@ -27,6 +30,8 @@ CHUNK_TOKENS = 4096  # tokens per forward chunk: bounds the MLP's intermediate a
 
 class HessianStat:
     """X^T X / tokens over everything a Linear saw (the identity if it saw nothing, e.g. an unused expert)."""
+
+    quantised_inputs = True  # GPTQ and DAQ compensate for the error of the blocks before: gather it on their outputs
 
     def __init__(self, k: int):
         self.sum = torch.zeros(k, k)
@@ -51,17 +56,44 @@ class HessianStat:
 class AbsMaxStat:
     """max |x| per input feature over the calibration tokens."""
 
+    quantised_inputs = False  # a threshold on the activations: the original model's are as good
+
     def __init__(self, k: int):
         self.max = torch.zeros(k)
 
     def add(self, x: torch.Tensor, cache: dict[Any, torch.Tensor]) -> None:
-        torch.maximum(self.max, x.abs().amax(dim=0).float(), out=self.max)
+        key = ("absmax", x.data_ptr(), tuple(x.shape))
+        if key not in cache:  # q/k/v (and gate/up) share one input
+            cache[key] = x.abs().amax(dim=0).float()
+        torch.maximum(self.max, cache[key], out=self.max)
 
     def value(self) -> torch.Tensor:
         return self.max
 
 
-STATS = {"hessian": HessianStat, "absmax": AbsMaxStat}
+class HessianAbsMeanStat(HessianStat):
+    """X^T X / tokens and mean |x| per input feature (AWQ's activation scale)."""
+
+    def __init__(self, k: int):
+        super().__init__(k)
+        self.abs_sum = torch.zeros(k)
+
+    def add(self, x: torch.Tensor, cache: dict[Any, torch.Tensor]) -> None:
+        super().add(x, cache)
+        key = ("abssum", x.data_ptr(), tuple(x.shape))
+        if key not in cache:
+            cache[key] = x.float().abs().sum(dim=0)
+        self.abs_sum += cache[key]
+
+    def value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().value(), self.abs_sum / max(self.tokens, 1)
+
+
+STATS = {"hessian": HessianStat, "absmax": AbsMaxStat, "hessian_absmean": HessianAbsMeanStat}
+# A block-level transform before quantising (AWQ): (block prefix, read fp32, present, statistics by Linear, Linears)
+# -> (changed tensors by full name, a summary). Changed Linear weights are what gets quantised; the others
+# (norms, biases) replace the checkpoint's in the output.
+Smooth = Callable[[str, Callable[[str], torch.Tensor], Callable[[str], bool], dict[str, Any], set[str]], tuple[dict[str, torch.Tensor], dict[str, Any]]]
 
 
 @dataclass
@@ -87,11 +119,12 @@ def _forward_chunks(run: Callable[[torch.Tensor], torch.Tensor], hidden: torch.T
 def _calibrate_stage(
     stage: nn.Module, names: dict[str, str], jobs: dict[str, LayerJob], run: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor, rows: int, tensors: Any, results: dict[str, Any], keep: Callable[[str, torch.Tensor, QuantWeight], Any],
-    outputs: bool = True,
+    outputs: bool = True, smooth: tuple[Smooth, str, dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> torch.Tensor | None:
     """Gather statistics, quantise the stage's Linears, swap them in, and return the stage's new outputs.
 
-    names maps a Linear's name inside the stage to its name in the checkpoint.
+    names maps a Linear's name inside the stage to its name in the checkpoint. smooth is (the transform, the
+    stage's prefix, where its changed non-Linear tensors go, where its summary goes).
     """
     stats: dict[str, Any] = {}
     handles = []
@@ -103,21 +136,41 @@ def _calibrate_stage(
         linear = stage.get_submodule(local)
         stat = stats[full] = STATS[job.statistic](linear.in_features)
         handles.append(linear.register_forward_pre_hook(lambda m, args, stat=stat: stat.add(args[0].reshape(-1, args[0].shape[-1]), cache)))
+    # Without error to compensate, the first run's outputs (the original block's) are the next inputs.
+    reuse = outputs and bool(stats) and not any(type(stat).quantised_inputs for stat in stats.values())
+    first_outputs = torch.empty_like(hidden) if reuse else None
     if stats:
         for s in range(0, hidden.shape[0], rows):
             cache.clear()
-            run(hidden[s : s + rows])
+            y = run(hidden[s : s + rows])
+            if first_outputs is not None:
+                first_outputs[s : s + rows] = y
         cache.clear()
     for h in handles:
         h.remove()
+    changed: dict[str, torch.Tensor] = {}
+    if smooth is not None:
+        fn, prefix, overrides, summary = smooth
+        changed, chosen = fn(prefix, lambda n: tensors.read(n, torch.float32), lambda n: n in tensors,
+                             {full: stat.value() for full, stat in stats.items()}, set(names.values()))
+        summary.update(chosen)
+        linear_weights = {f"{full}.weight" for full in names.values()}
+        for name, t in changed.items():
+            if name in linear_weights:
+                continue
+            overrides[name] = t
+            stage.get_parameter(name[len(prefix):]).data = t.to(COMPUTE_DTYPE)  # the outputs run with it
     for local, full in names.items():
         linear = stage.get_submodule(local)
-        weight = tensors.read(f"{full}.weight", torch.float32)
+        weight = changed.get(f"{full}.weight")
+        weight = tensors.read(f"{full}.weight", torch.float32) if weight is None else weight
         stat = stats[full].value() if full in stats else None
         q = jobs[full].quantize(weight, stat)
         bias = linear.bias.detach() if linear.bias is not None else None
         set_module(stage, local, quant_linear(q, bias))
         results[full] = keep(full, weight, q)
+    if first_outputs is not None:
+        return first_outputs
     return _forward_chunks(run, hidden, rows) if outputs else None
 
 
@@ -125,12 +178,14 @@ def _calibrate_stage(
 def quantize_layerwise(
     tensors: ModelTensors, model: nn.Module, tokens: torch.Tensor, jobs: dict[str, LayerJob],
     keep: Callable[[str, torch.Tensor, QuantWeight], Any], progress: Callable[[int, int], None] | None = None,
+    smooth: Smooth | None = None, overrides: dict[str, torch.Tensor] | None = None, summary: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Quantise the Linears named in jobs, block by block over the calibration tokens [samples, seq_len].
 
     model is the architecture on the meta device: its blocks are filled from `tensors` one at a time.
     keep(name, fp32 weight, quantised weight) makes what is kept of each layer (its stored form), so
-    nothing larger outlives its block.
+    nothing larger outlives its block. smooth transforms each decoder block first (AWQ); the tensors it
+    changes besides the quantised weights go into overrides, its summary per block into summary.
     """
     from mlc.models.rope import RotaryTable
 
@@ -151,7 +206,9 @@ def quantize_layerwise(
         if names:
             layer.to_empty(device="cpu")
             _materialize(layer, prefix, tensors, COMPUTE_DTYPE)
-            hidden = _calibrate_stage(layer, names, jobs, lambda h: layer(h, cos, sin)[0], hidden, rows, tensors, results, keep)
+            block_smooth = (smooth, prefix, overrides if overrides is not None else {}, summary if summary is not None else {}) if smooth else None
+            hidden = _calibrate_stage(layer, names, jobs, lambda h: layer(h, cos, sin)[0], hidden, rows, tensors, results, keep,
+                                      smooth=block_smooth)
         else:  # nothing to quantise here, but its outputs still feed the blocks that follow
             layer.to_empty(device="cpu")
             _materialize(layer, prefix, tensors, COMPUTE_DTYPE)

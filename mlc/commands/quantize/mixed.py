@@ -11,6 +11,10 @@ to second order from gradients measured on the calibration text:
 Allocation is greedy, as in BitStack and the mixed-quantisation scaling laws (2410.23918,
 2410.06722): start every layer at its largest setting and repeatedly take the step to a smaller one
 that costs the least loss per byte saved, until the budget is met.
+
+The layers that vLLM fuses into one (q/k/v into qkv_proj, gate/up into gate_up_proj, a layer's experts
+into one fused MoE) get one setting together: vLLM reads a fused layer in the scheme of its first shard,
+so shards in different settings would load as garbage there.
 """
 
 from __future__ import annotations
@@ -114,6 +118,30 @@ def sensitivity(weight: torch.Tensor, fisher: torch.Tensor, candidate: Candidate
     return 0.5 * float((fisher.float() * err).sum()), q.storage_bits() // 8
 
 
+FUSED_SHARDS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def fused_unit(name: str) -> str:
+    """The name of the fused layer vLLM loads this Linear into (itself when it is not fused)."""
+    if ".experts." in name:
+        return name[: name.index(".experts.")] + ".experts"
+    prefix, _, proj = name.rpartition(".")
+    return f"{prefix}.{FUSED_SHARDS[proj]}" if proj in FUSED_SHARDS else name
+
+
+def unit_costs(costs: dict[str, list[tuple[Candidate, float, int]]]) -> dict[str, list[tuple[Candidate, float, int]]]:
+    """Costs per fused unit: the settings all its shards take, with their losses and bytes summed."""
+    units: dict[str, list[str]] = {}
+    for name in costs:
+        units.setdefault(fused_unit(name), []).append(name)
+    out = {}
+    for unit, names in units.items():
+        common = [c for c, _, _ in costs[names[0]] if all(any(c == d for d, _, _ in costs[n]) for n in names)]
+        out[unit] = [(c, sum(l for n in names for d, l, _ in costs[n] if d == c), sum(b for n in names for d, _, b in costs[n] if d == c))
+                     for c in common]
+    return out
+
+
 def allocate(costs: dict[str, list[tuple[Candidate, float, int]]], budget_bytes: int) -> dict[str, Candidate]:
     """Greedy: from each layer's largest setting, take the cheapest loss-per-byte-saved step until under budget."""
     order = {n: sorted(c, key=lambda t: -t[2]) for n, c in costs.items()}  # largest first
@@ -152,15 +180,17 @@ def plan_mixed(
         w = tensors.read(f"{name}.weight" if f"{name}.weight" in tensors else "model.embed_tokens.weight", torch.float32)
         costs[name] = [(c, *sensitivity(w, fisher[name], c)) for c in candidates_for(w.shape[1])]
         del fisher[name]  # each layer's F is done with once costed
+    layer_costs, costs = costs, unit_costs(costs)
     smallest = sum(min(b for _, _, b in c) for c in costs.values())
     if budget < smallest:
         what = f"--target-bits {target_bits}" if target_bits is not None else f"--target-size {target_size}"
         floor = smallest * 8 / params if target_bits is not None else smallest + other_bytes
         unit = "bits per parameter" if target_bits is not None else "bytes"
         raise InputError(f"{what} is below the smallest mixed allocation ({floor:.4g} {unit})", "raise the target, or use --exclude on fewer layers")
-    chosen = allocate(costs, budget)
-    loss = sum(next(l for c, l, _ in costs[n] if c == chosen[n]) for n in chosen)
-    size = sum(next(b for c, _, b in costs[n] if c == chosen[n]) for n in chosen)
+    chosen_units = allocate(costs, budget)
+    chosen = {name: chosen_units[fused_unit(name)] for name in layer_costs}
+    loss = sum(next(l for c, l, _ in layer_costs[n] if c == chosen[n]) for n in chosen)
+    size = sum(next(b for c, _, b in layer_costs[n] if c == chosen[n]) for n in chosen)
     counts: dict[str, int] = {}
     for c in chosen.values():
         counts[c.label] = counts.get(c.label, 0) + 1

@@ -7,21 +7,22 @@ stream the checkpoint one tensor at a time; calibrated schemes go block by block
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from mlc.commands.quantize.schemes import QuantScheme, SchemeOptions
-from mlc.errors import InputError, ValidationError
+from mlc.contracts import QuantScheme, SchemeOptions
+from mlc.errors import InputError, MlcError, ValidationError
 from mlc.io.hfdir import copy_tokenizer_files, read_config, write_config
+from mlc.io.quant_format import LayerSpec, layer_tensors, quantization_config, spec_of
 from mlc.io.safetensors_reader import ModelTensors
 from mlc.io.safetensors_writer import ShardedWriter
-from mlc.kernels.quant_format import LayerSpec, layer_tensors, quantization_config, spec_of
 from mlc.kernels.quant_weights import QuantWeight
 
 # Routers pick experts from tiny logits differences; quantising them saves nothing worth the risk.
@@ -62,7 +63,7 @@ class QuantizeResult:
     layers: list[LayerReport]
     specs: dict[str, LayerSpec]
     quantize_seconds: float
-    plan: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None  # mixed's allocation, or AWQ's chosen scales per block
 
 
 def meta_model(model_dir: Path) -> nn.Module:
@@ -78,7 +79,7 @@ def meta_model(model_dir: Path) -> nn.Module:
 def check_not_quantized(model_dir: Path) -> None:
     qc = read_config(model_dir).get("quantization_config")
     if qc is not None:
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        method = (qc.get("quant_method") or ("mlc" if "mlc" in qc else "unknown")) if isinstance(qc, dict) else "unknown"
         raise InputError(f"{model_dir} is already quantised (quant_method {method})", "quantise the original full-precision model instead")
 
 
@@ -115,6 +116,48 @@ def check_groups(targets: dict[str, tuple[int, int]], group_size: int | None, sc
         )
 
 
+DEFAULT_GROUPS = (128, 64, 32)  # preferred first: fewer scales; 32 is the smallest every kernel and format takes
+
+
+@dataclass
+class GroupChoice:
+    """The group size mlc picked because --group-size was not given, and why (for the report)."""
+
+    group_size: int
+    widths: list[int]
+
+    def reason(self) -> str:
+        return (f"the largest of {'/'.join(map(str, DEFAULT_GROUPS))} that divides every quantised layer's input features "
+                f"({', '.join(map(str, self.widths))})")
+
+
+def choose_group_size(scheme: QuantScheme, given: SchemeOptions, targets: dict[str, tuple[int, int]]) -> tuple[SchemeOptions, GroupChoice | None]:
+    """The scheme's options with the group size that fits the model when the user gave none.
+
+    A scheme that takes a group size accepts `group_size=g` in its options check; one that does not
+    (int8, fp8, gptq --bits 8) rejects it, and keeps its own options.
+    """
+    if given.group_size is not None:
+        return scheme.options(given), None
+    widths = sorted({k for _, k in targets.values()})
+    takes_groups = False
+    for g in DEFAULT_GROUPS:
+        try:
+            options = scheme.options(replace(given, group_size=g))
+        except MlcError:
+            continue
+        takes_groups = True
+        if all(k % g == 0 for k in widths):
+            return options, GroupChoice(g, widths)
+    if not takes_groups:
+        return scheme.options(given), None
+    raise ValidationError(
+        [f"no group size of {'/'.join(map(str, DEFAULT_GROUPS))} divides every {scheme.name} layer's input features "
+         f"({', '.join(map(str, widths))})"],
+        hint="--exclude the layers whose width no group divides, or give --group-size",
+    )
+
+
 def _relative_error(weight: torch.Tensor, q: QuantWeight) -> float:
     w = weight.float()
     return float((w - q.dequantize()).norm() / w.norm().clamp_min(1e-30))
@@ -123,24 +166,36 @@ def _relative_error(weight: torch.Tensor, q: QuantWeight) -> float:
 def _setting(spec: LayerSpec) -> str:
     if spec.kind == "int":
         return f"int{spec.bits}" + (f"-g{spec.group_size}" if spec.group_size else "") + ("" if spec.symmetric else "-asym")
-    if spec.kind == "codebook":
+    if spec.kind in ("codebook", "bnb4"):
         return f"{spec.codebook_name}-g{spec.group_size}" + ("-daq" if spec.zero else "")
     return spec.kind
 
 
-def stored_layer(name: str, weight: torch.Tensor, q: QuantWeight) -> StoredLayer:
-    """Pack a quantised layer into its stored tensors at once: the fp32 weight and the unpacked integers go."""
+def stored_layer(name: str, weight: torch.Tensor, q: QuantWeight, dtype: str = "float32") -> StoredLayer:
+    """Pack a quantised layer into its stored tensors at once: the fp32 weight and the unpacked integers go.
+
+    dtype names the model's floating-point dtype (bitsandbytes' layout records it).
+    """
     spec = spec_of(q)
-    report = LayerReport(name, tuple(q.shape), _setting(spec), q.storage_bits() / math.prod(q.shape), _relative_error(weight, q))
-    return StoredLayer(spec, layer_tensors(name, q), report)
+    tensors = layer_tensors(name, q, dtype)
+    bits = q.storage_bits()
+    if spec.kind == "bnb4":  # bitsandbytes keeps the scales (absmax) in float32
+        bits += q.scale.numel() * (32 - q.scale.element_size() * 8)
+    report = LayerReport(name, tuple(q.shape), _setting(spec), bits / math.prod(q.shape), _relative_error(weight, q))
+    return StoredLayer(spec, tensors, report)
 
 
 def quantize_weights(req: QuantizeRequest, tensors: ModelTensors, model: nn.Module, targets: dict[str, tuple[int, int]],
-                     other_bytes: int, progress: Progress | None) -> tuple[dict[str, StoredLayer], dict[str, Any] | None]:
-    """Quantise every target layer: stream for round-to-nearest, block by block when calibration is needed."""
+                     other_bytes: int, progress: Progress | None, overrides: dict[str, torch.Tensor] | None = None,
+                     ) -> tuple[dict[str, StoredLayer], dict[str, Any] | None]:
+    """Quantise every target layer: stream for round-to-nearest, block by block when calibration is needed.
+
+    A scheme that transforms blocks (AWQ) puts the other tensors it changes (norms) into overrides.
+    """
     from mlc.commands.quantize.layerwise import LayerJob, quantize_layerwise
 
     scheme, options = req.scheme, req.options
+    keep = functools.partial(stored_layer, dtype=model.config.torch_dtype)
     plan_info = None
     if scheme.plan is not None:
         from mlc.commands.quantize.rtn import quantize_int
@@ -156,12 +211,17 @@ def quantize_weights(req: QuantizeRequest, tensors: ModelTensors, model: nn.Modu
         results = {}
         for i, name in enumerate(jobs):
             weight = _read_weight(tensors, name)
-            results[name] = stored_layer(name, weight, jobs[name].quantize(weight, None))
+            results[name] = keep(name, weight, jobs[name].quantize(weight, None))
             if progress:
                 progress("quantising", i + 1, len(jobs))
         return results, plan_info
     tick = (lambda d, t: progress("calibrating blocks", d, t)) if progress else None
-    return quantize_layerwise(tensors, model, req.calib_tokens, jobs, stored_layer, tick), plan_info
+    if scheme.smooth is None:
+        return quantize_layerwise(tensors, model, req.calib_tokens, jobs, keep, tick), plan_info
+    summary: dict[str, Any] = {}
+    results = quantize_layerwise(tensors, model, req.calib_tokens, jobs, keep, tick, scheme.smooth(options),
+                                 overrides if overrides is not None else {}, summary)
+    return results, {"smoothed": summary} if summary else None
 
 
 def _read_weight(tensors: Any, name: str) -> torch.Tensor:
@@ -186,14 +246,18 @@ def quantize_model(req: QuantizeRequest, out_dir: Path, progress: Progress | Non
         quantized_names = {f"{n}.weight" for n in targets}
         other_bytes = sum(math.prod(tensors.info(n).shape) * tensors.info(n).dtype.itemsize
                           for n in tensors.names() if n not in quantized_names)
-        results, plan_info = quantize_weights(req, tensors, model, targets, other_bytes, progress)
+        overrides: dict[str, torch.Tensor] = {}
+        results, plan_info = quantize_weights(req, tensors, model, targets, other_bytes, progress, overrides)
         seconds = time.perf_counter() - start
         specs = {n: r.spec for n, r in results.items()}
-        _write(req, tensors, results, specs, out_dir)
+        _write(req, tensors, results, specs, out_dir, progress, overrides)
     return QuantizeResult([r.report for r in results.values()], specs, seconds, plan_info)
 
 
-def _write(req: QuantizeRequest, tensors: ModelTensors, results: dict[str, StoredLayer], specs: dict[str, LayerSpec], out_dir: Path) -> None:
+def _write(req: QuantizeRequest, tensors: ModelTensors, results: dict[str, StoredLayer], specs: dict[str, LayerSpec], out_dir: Path,
+           progress: Progress | None = None, overrides: dict[str, torch.Tensor] | None = None) -> None:
+    """The output directory: quantised tensors, the others copied (or replaced by overrides, in their stored dtype), config."""
+    overrides = overrides or {}
     config = read_config(req.model_dir)
     quantized = {}
     for r in results.values():
@@ -212,10 +276,13 @@ def _write(req: QuantizeRequest, tensors: ModelTensors, results: dict[str, Store
     with ShardedWriter(out_dir, plan) as writer:
         for name, t in quantized.items():
             writer.write(name, t)
-        for name in copied:
-            writer.write(name, tensors.read(name))
+        for i, name in enumerate(copied):
+            writer.write(name, overrides[name].to(tensors.info(name).dtype) if name in overrides else tensors.read(name))
+            if progress:
+                progress("writing the other tensors", i + 1, len(copied))
     config["quantization_config"] = quantization_config(
-        specs, sorted(ignore), req.scheme.name, {"options": req.options.given()} if req.options.given() else None
+        specs, sorted(ignore), req.scheme.name, {"options": req.options.given()} if req.options.given() else None,
+        dtype=meta_model(req.model_dir).config.torch_dtype,
     )
     write_config(out_dir, config)
     copy_tokenizer_files(req.model_dir, out_dir)

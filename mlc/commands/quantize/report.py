@@ -21,36 +21,36 @@ WORST_LAYERS = 5
 
 
 def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    """The weights' bytes: safetensors shards, or the GGUF file of --format gguf."""
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "*.gguf") for f in path.glob(pattern))
 
 
-def _ppl(model: Any, ids: list[int], context: int) -> dict[str, float]:
+def _ppl(model: Any, ids: list[int], context: int, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     from mlc.models.evaluate import perplexity
 
-    r = perplexity(model, ids, context=context, stride=context)
+    r = perplexity(model, ids, context=context, stride=context, progress=progress)
     return {"perplexity": r.perplexity, "nll": r.nll, "tokens": r.tokens}
 
 
 def evaluate_pair(model_dir: Path, quant_dir: Path, eval_text: Path, context: int,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Perplexity of the original (fp32) and of the quantised model (exact) on the same tokens."""
-    from mlc.kernels.quant_load import load_quantized_model, quant_modules
     from mlc.models import load_model
+    from mlc.models.quant_load import load_quantized_model, quant_modules
     from mlc.models.tokenizer import load_tokenizer
 
     ids = load_tokenizer(model_dir).encode(eval_text.read_text(encoding="utf-8"))
-    if progress:
-        progress("perplexity before")
+    def tick(what: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(what, done, total)) if progress else None
+
     model = load_model(model_dir, dtype=torch.float32)
     context = min(context, model.config.max_position_embeddings)
-    before = _ppl(model, ids, context)
+    before = _ppl(model, ids, context, tick("perplexity of the original, windows"))
     del model
-    if progress:
-        progress("perplexity after")
     model = load_quantized_model(quant_dir, dtype=torch.float32)
     for m in quant_modules(model).values():
         m.exact = True
-    after = _ppl(model, ids, context)
+    after = _ppl(model, ids, context, tick("perplexity of the quantised model, windows"))
     return {"eval_text": str(eval_text), "context": context, "tokens": before["tokens"],
             "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
             "perplexity_increase_pct": 100.0 * (after["perplexity"] / before["perplexity"] - 1.0)}
@@ -96,9 +96,18 @@ def print_report(report: dict[str, Any]) -> None:
     table.add_row("bits/param, quantised layers", f"{report['bits_per_param_quantized_layers']:.3f}")
     table.add_row("bits/param, whole model", f"{report['bits_per_param_overall']:.3f}")
     table.add_row("layers quantised", str(report["layers_quantized"]))
+    if report.get("group_size_chosen"):
+        chosen = report["group_size_chosen"]
+        table.add_row("group size", f"{chosen['group_size']} ({chosen['why']})")
     table.add_row("quantise time", f"{report['quantize_seconds']:.1f} s")
-    if report.get("plan"):
-        table.add_row("mixed allocation", ", ".join(f"{k}: {v}" for k, v in report["plan"]["layers_per_setting"].items()))
+    plan = report.get("plan") or {}
+    if "layers_per_setting" in plan:
+        table.add_row("mixed allocation", ", ".join(f"{k}: {v}" for k, v in plan["layers_per_setting"].items()))
+    if "smoothed" in plan:  # AWQ: how much the chosen scales cut the Linears' output error below plain rounding
+        gains = sorted(v["error_vs_rtn"] for v in plan["smoothed"].values())
+        table.add_row("AWQ output error vs RTN", f"median x{gains[len(gains) // 2]:.3f} over {len(gains)} scaled groups")
+    if report.get("format") == "gguf":
+        table.add_row("format", "GGUF (Q8_0/Q4_0 blocks of the same integers)")
     console.out.print(table)
     worst = Table(title="largest weight errors (||W - Q(W)|| / ||W||)")
     for col in ("layer", "setting", "relative error"):

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from mlc.kernels.quant_weights import CODEBOOKS, CodebookWeight, Fp8Weight, IntWeight
+# The code book quantiser lives with the kernels (mlc train's QLoRA quantises its base with it too); the
+# redundant aliases re-export it here for the quantisers and tests that import it from this module.
+from mlc.kernels.codebook import SCALE_DTYPE as SCALE_DTYPE
+from mlc.kernels.codebook import codebook_tensor as codebook_tensor
+from mlc.kernels.codebook import groups_of as groups_of
+from mlc.kernels.codebook import nearest_code as nearest_code
+from mlc.kernels.codebook import quantize_codebook as quantize_codebook
+from mlc.kernels.codebook import safe_scale as _safe
+from mlc.kernels.quant_weights import Fp8Weight, IntWeight
 
-SCALE_DTYPE = torch.bfloat16
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
-
-
-def groups_of(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """[N, K] -> [N, K/G, G] (one group spanning K when group_size is None)."""
-    n, k = w.shape
-    g = group_size or k
-    return w.reshape(n, k // g, g)
 
 
 def int_params(
@@ -37,11 +37,6 @@ def int_params(
     qmin = -(2 ** (bits - 1))
     zero_point = torch.clamp(torch.round(-lo / scale.float()) + qmin, qmin, 2 ** (bits - 1) - 1)
     return scale, zero_point.to(torch.int8)
-
-
-def _safe(scale: torch.Tensor) -> torch.Tensor:
-    """An all-zero group gets scale 1 (any scale represents it exactly) instead of a division by zero."""
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def round_int(
@@ -67,25 +62,3 @@ def quantize_fp8(w: torch.Tensor) -> Fp8Weight:
     scale = _safe(w.float().abs().amax(dim=1, keepdim=True) / FP8_MAX)
     value = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return Fp8Weight(value, scale)
-
-
-def codebook_tensor(name: str) -> torch.Tensor:
-    return torch.tensor(sorted(CODEBOOKS[name]), dtype=torch.float32)
-
-
-def nearest_code(normalised: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code book entry (code book sorted ascending) for every element."""
-    # 15 vectorised comparisons beat torch.bucketize several times over on CPU.
-    codes = torch.zeros(normalised.shape, dtype=torch.uint8)
-    for midpoint in ((codebook[1:] + codebook[:-1]) / 2).tolist():
-        codes += normalised > midpoint
-    return codes
-
-
-def quantize_codebook(w: torch.Tensor, name: str, group_size: int) -> CodebookWeight:
-    """Blockwise absmax code book quantisation (QLoRA's NF4): w ~ codebook[code] * absmax of the block."""
-    codebook = codebook_tensor(name)
-    wg = groups_of(w.float(), group_size)
-    scale = _safe(wg.abs().amax(dim=-1)).to(SCALE_DTYPE)
-    codes = nearest_code(wg / scale.float().unsqueeze(-1), codebook)
-    return CodebookWeight(codes.reshape(w.shape), codebook, scale, None, group_size, name)

@@ -1,61 +1,27 @@
 """The built-in quantisation schemes, registered as `mlc.quant_schemes.v1` plugins like a third party's.
 
-A scheme is a QuantScheme: it checks and completes the user's options, says which statistic of a
-Linear's calibration inputs it needs (none for round-to-nearest), and turns one fp32 weight (plus
-that statistic) into a quantised weight. `mixed` instead plans a different setting per layer.
+Each is an mlc.contracts.QuantScheme: it checks and completes the user's options, says which
+statistic of a Linear's calibration inputs it needs (none for round-to-nearest), and turns one fp32
+weight (plus that statistic) into a quantised weight. `mixed` instead plans a different setting per layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any
 
+from mlc.contracts import QuantScheme, SchemeOptions
 from mlc.errors import MlcUsageError
 
 INT4_GROUPS = (32, 64, 128)
 CODEBOOK_GROUPS = (32, 64, 128, 256)
 
 
-@dataclass(frozen=True)
-class SchemeOptions:
-    """Everything a user can set on a scheme; None means "the scheme's default" (or "not given")."""
-
-    group_size: int | None = None
-    asymmetric: bool = False
-    bits: int | None = None
-    act_order: bool | None = None  # gptq's default is on; an explicit --no-act-order counts as given
-    codebook: str | None = None
-    target_bits: float | None = None
-    target_size: int | None = None
-
-    @property
-    def symmetric(self) -> bool:
-        return not self.asymmetric
-
-    def given(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if v is not None and (v is not False or k == "act_order")}
-
-
-@dataclass(frozen=True)
-class QuantScheme:
-    name: str
-    summary: str
-    statistic: str | None  # what calibration gathers per Linear: None, "hessian" (X^T X), "absmax" (max |x|)
-    options: Callable[[SchemeOptions], SchemeOptions]  # fill defaults, reject what the scheme does not take
-    quantize: Callable[[Any, Any, SchemeOptions], Any] | None  # (fp32 weight, statistic, options) -> QuantWeight
-    plan: Callable[..., Any] | None = None  # mixed: per-layer settings before quantising (see mixed.py)
-    format: str = "compressed-tensors"  # or "mlc": the layout its output uses
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.statistic is not None or self.plan is not None
-
-
 def _reject(name: str, options: SchemeOptions, allowed: set[str]) -> None:
     extra = sorted(set(options.given()) - allowed)
     if extra:
         flags = ", ".join("--" + k.replace("_", "-") for k in extra)
-        raise MlcUsageError(f"scheme {name} does not take {flags}", f"`mlc quantize --help` lists which options each scheme takes")
+        raise MlcUsageError(f"scheme {name} does not take {flags}", "`mlc quantize --help` lists which options each scheme takes")
 
 
 def _group(name: str, value: int | None, default: int, allowed: tuple[int, ...]) -> int:
@@ -79,6 +45,11 @@ def _int4_options(o: SchemeOptions) -> SchemeOptions:
 def _nf4_options(o: SchemeOptions) -> SchemeOptions:
     _reject("nf4", o, {"group_size"})
     return replace(o, group_size=_group("nf4", o.group_size, 64, CODEBOOK_GROUPS), codebook="nf4")
+
+
+def _fp4_options(o: SchemeOptions) -> SchemeOptions:
+    _reject("fp4", o, {"group_size"})
+    return replace(o, group_size=_group("fp4", o.group_size, 64, CODEBOOK_GROUPS), codebook="fp4")
 
 
 def _fp8_options(o: SchemeOptions) -> SchemeOptions:
@@ -107,6 +78,18 @@ def _act_order(o: SchemeOptions) -> bool:
     """On unless --no-act-order: on SmolLM2 int4 g64 it took GPTQ's perplexity increase from 0.78x RTN's
     to 0.50x (benchmarks/RESULTS.md) at the same speed, and with static groups the layout is unchanged."""
     return True if o.act_order is None else o.act_order
+
+
+def _awq_options(o: SchemeOptions) -> SchemeOptions:
+    _reject("awq", o, {"group_size", "asymmetric", "bits"})
+    bits = o.bits or 4
+    if bits not in (4, 8):
+        raise MlcUsageError(f"awq takes --bits 4 or 8, not {bits}", "use --bits 4 (default) or --bits 8")
+    if bits == 8:
+        if o.group_size is not None:
+            raise MlcUsageError("awq --bits 8 is per output channel and takes no --group-size", "drop --group-size")
+        return replace(o, bits=8)
+    return replace(o, bits=4, group_size=_group("awq", o.group_size, 128, INT4_GROUPS))
 
 
 def _daq_options(o: SchemeOptions) -> SchemeOptions:
@@ -159,6 +142,12 @@ def _gptq(w: Any, stat: Any, o: SchemeOptions) -> Any:
     return quantize_gptq(w, stat, o.bits, o.group_size, o.symmetric, o.act_order)
 
 
+def _awq_smooth(o: SchemeOptions) -> Any:
+    from mlc.commands.quantize.awq import smooth_block
+
+    return lambda prefix, read, present, stats, linears: smooth_block(prefix, read, present, stats, linears, o.bits, o.group_size, o.symmetric)
+
+
 def _daq(w: Any, stat: Any, o: SchemeOptions) -> Any:
     from mlc.commands.quantize.daq import quantize_daq
 
@@ -173,11 +162,16 @@ def _mixed_plan(*args: Any, **kwargs: Any) -> Any:
 
 INT8 = QuantScheme("int8", "int8 weights, one symmetric scale per output channel", None, _int8_options, _rtn_int)
 INT4 = QuantScheme("int4", "int4 weights in groups of 32/64/128 (symmetric, or --asymmetric)", None, _int4_options, _rtn_int)
-NF4 = QuantScheme("nf4", "QLoRA NormalFloat-4 code book, blockwise absmax", None, _nf4_options, _rtn_codebook, format="mlc")
+NF4 = QuantScheme("nf4", "QLoRA NormalFloat-4 code book, blockwise absmax (bitsandbytes' 4-bit layout)", None, _nf4_options,
+                  _rtn_codebook, format="bitsandbytes")
+FP4 = QuantScheme("fp4", "bitsandbytes' FP4 code book, blockwise absmax (bitsandbytes' 4-bit layout)", None, _fp4_options,
+                  _rtn_codebook, format="bitsandbytes")
 FP8 = QuantScheme("fp8", "float8 e4m3 weights with a per-channel scale", None, _fp8_options, _fp8)
 LLM_INT8 = QuantScheme("llm-int8", "LLM.int8(): vector-wise int8 + fp16 outlier features (|x| >= 6 on calibration)",
                        "absmax", _llm_int8_options, _llm_int8, format="mlc")
 GPTQ = QuantScheme("gptq", "GPTQ int4 (groups) or int8 on calibration data, act-order by default (--no-act-order)", "hessian", _gptq_options, _gptq)
+AWQ = QuantScheme("awq", "AWQ: activation-aware input-channel scales searched on calibration data, then int4 (groups) or int8",
+                  "hessian_absmean", _awq_options, _rtn_int, smooth=_awq_smooth)
 DAQ = QuantScheme("daq", "density-aware scale/zero search for nf4/fp4 on calibration data", "hessian", _daq_options, _daq, format="mlc")
 MIXED = QuantScheme("mixed", "per-layer int4/int8 by measured sensitivity to meet --target-bits/--target-size",
                     None, _mixed_options, None, plan=_mixed_plan)

@@ -1,4 +1,4 @@
-"""Inspect run directories: ls, show, lineage, gc, reindex."""
+"""Inspect run directories: ls, show, lineage, gc, reindex, and ui (a local dashboard in the browser)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import typer
 
 from mlc.cliutil import new_app
 
-app = new_app("Inspect run directories: ls, show, lineage, gc, reindex.")
+app = new_app("Inspect run directories: ls, show, lineage, gc, reindex, and ui (a local dashboard in the browser).")
 JSON = typer.Option(False, "--json", help="Machine-readable JSON on stdout.")
 
 
@@ -45,7 +45,7 @@ def ls(
 def show(ref: str = typer.Argument(..., help="A run: run:<id>, an id, or latest:<command>."), json_output: bool = JSON) -> None:
     """Show one run's record: status, config, inputs, artifacts, summary."""
     from mlc import console, options
-    from mlc.runs.rundir import read_run
+    from mlc.runs import read_run
 
     record = read_run(_run_path(ref))
     if options.want_json(json_output):
@@ -128,3 +128,15 @@ def reindex(json_output: bool = JSON) -> None:
         console.print_json({"runs": n, "index": str(_root() / index.INDEX_FILE)})
     else:
         console.out.print(f"indexed {n} runs in {_root() / index.INDEX_FILE}")
+
+
+@app.command("ui")
+def ui(
+    port: int = typer.Option(8765, "--port", help="TCP port (0 picks a free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind. The default serves this machine only; the UI has no login, so "
+                             "another address shows every run to whoever can reach it."),
+) -> None:
+    """Serve a read-only dashboard of the runs root: runs, curves, result views and lineage, at http://HOST:PORT/."""
+    from mlc.commands.runs.ui.serve import serve
+
+    serve(_root(), host, port)

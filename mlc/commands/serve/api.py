@@ -1,31 +1,61 @@
-"""The OpenAI-compatible HTTP API (FastAPI routes over the engine).
+"""The OpenAI-compatible HTTP API: FastAPI routes over the engine.
 
-Routes take the raw request and validate it with protocol.py, so that every error is the OpenAI
-JSON shape with the right status and names the offending field (FastAPI's own validation answers
-422 in its own shape). A request becomes one engine request per prompt; the engine thread pushes
-SeqEvents into an asyncio queue, and the handler turns them into one response or an SSE stream. A
-client that goes away (closed stream, or a dropped connection while waiting) aborts its engine
-requests, which frees their KV blocks at the next step.
+FastAPI validates each body against its pydantic model (protocol.py); one handler turns any
+validation error into an OpenAI-shaped 400 that names the field, and every other error the API
+raises is OpenAI-shaped too (401 key, 404 model or path, 413 body too large, 429 queue, 503 loading
+or draining, with Retry-After). An unexpected exception in a route is a 500 with an error body and a
+logged traceback, and the connection stays usable. What needs the loaded model (token ids below the
+vocabulary size, the model name) is checked here; job.py turns a checked request into engine
+requests and their answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import base64
+import logging
 import secrets
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.exceptions import HTTPException
 
+from mlc import __version__
 from mlc.commands.serve import protocol as P
-from mlc.commands.serve.engine import Engine, GenerationRequest, SeqEvent
-from mlc.commands.serve.metrics import ServeMetrics
-from mlc.errors import MlcError, ValidationError
+from mlc.commands.serve.engine import Engine
+from mlc.commands.serve.job import Job, check_ids
+from mlc.commands.serve.metrics import CONTENT_TYPE, ServeMetrics
+from mlc.errors import MlcError
+
+log = logging.getLogger("mlc.serve")
+
+class _Anything(Convertor):
+    """A path parameter that may hold any character: a served model name may have slashes (org/name) or even a newline."""
+
+    regex = r"[\s\S]+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("anything", _Anything())
+
+ERRORS = {status: {"model": P.ErrorResponse} for status in (400, 401, 404, 413, 429, 500, 503)}
+# The largest request body read (a prompt at any context length is far smaller): a larger one is a 413, unread.
+MAX_BODY_BYTES = 16 << 20
 
 
 @dataclass
@@ -41,384 +71,366 @@ class ServerState:
     draining: bool = False
     load_error: BaseException | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    jobs: set[Job] = field(default_factory=set)  # the generation requests in flight (for the drain on SIGTERM)
+    record_input: Callable[..., Any] | None = None  # the run's add_input: adapters loaded at runtime go into its lineage
+    allow_runtime_lora: bool = False
+    runs_root: Path | None = None  # where run references (lora_path run:<id>) are looked up
+
+    def adapters(self) -> dict[str, Any]:
+        """The LoRA adapters served now, by name."""
+        lora = self.engine.lora if self.engine is not None else None
+        return dict(lora.adapters) if lora is not None else {}
 
     def ready(self) -> Engine:
         if self.draining:
-            raise P.ApiError(503, "the server is shutting down", code="draining")
+            raise P.ApiError(503, "the server is shutting down; retry on another replica or after its restart", code="draining",
+                             headers={"Retry-After": "1"})
         if self.engine is None:
-            raise P.ApiError(503, "the model is still loading; retry shortly", code="loading")
-        if self.engine.error is not None:
-            raise P.ApiError(503, f"the engine failed: {self.engine.error}", code="engine_failed")
+            raise P.ApiError(503, "the model is still loading; retry shortly", code="loading", headers={"Retry-After": "5"})
+        if not self.engine.healthy():
+            raise P.ApiError(503, f"the engine is not running: {self.engine.error or 'its loop has stalled'}", code="engine_failed")
         return self.engine
+
+    def abort_all(self) -> None:
+        """End every request in flight now: streams get a final "abort" chunk and [DONE], others a 503."""
+        for job in list(self.jobs):
+            job.abort(notify=True)
+
+
+class _Route(APIRoute):
+    """A route whose unexpected exceptions become a 500 with an OpenAI error body (the connection stays open)."""
+
+    def get_route_handler(self) -> Callable[[Request], Any]:
+        handler = super().get_route_handler()
+
+        async def guarded(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (HTTPException, RequestValidationError, P.ApiError):
+                raise
+            except Exception as e:  # noqa: BLE001 - a bug: answer it, log it, keep serving
+                log.exception("%s %s failed", request.method, request.url.path)
+                return JSONResponse(P.error_body(500, f"internal error: {type(e).__name__}"), status_code=500)
+
+        return guarded
+
+
+def validation_error(exc: RequestValidationError) -> P.ApiError:
+    """The first of pydantic's errors as one 400 naming the field."""
+    errors = exc.errors()
+    if not errors:
+        return P.ApiError(400, "the request body is not valid")
+    err = errors[0]
+    loc = tuple(err.get("loc", ()))
+    if loc[:1] == ("body",):
+        loc = loc[1:]
+    body = getattr(exc, "body", None)
+    if not isinstance(body, dict):
+        kind = "not valid JSON" if err.get("type") == "json_invalid" else "not a JSON object"
+        return P.ApiError(400, f"the request body must be a JSON object; it is {kind}")
+    tag = str((err.get("ctx") or {}).get("discriminator", "")).strip("'") if err.get("type", "").startswith("union_tag") else None
+    param = P.param_path(loc, body, missing=err.get("type") == "missing", discriminator=tag)
+    if err.get("type") == "extra_forbidden":
+        message = "is not a supported parameter"
+    elif err.get("type") == "missing":
+        message = "is required"
+    else:
+        message = str(err.get("msg", "is not valid"))
+    return P.ApiError(400, f"{param}: {message}" if param else message, param=param)
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="mlc serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="mlc serve", summary="An OpenAI-compatible API (completions, chat completions) over mlc's engine.",
+                  docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+    app.router.route_class = _Route
     app.state.serve = state
+    bearer = HTTPBearer(auto_error=False, description="--api-key, when the server was started with one")
+
+    def auth(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if state.api_key is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not secrets.compare_digest(given.encode(), state.api_key.encode()):
+            raise P.ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+
+    keyed = [Depends(auth)] if state.api_key is not None else []
 
     @app.exception_handler(P.ApiError)
     async def api_error(request: Request, exc: P.ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
-    @app.get("/health")
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await api_error(request, validation_error(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # FastAPI's own: an unknown path or method, or a body it could not parse (not UTF-8, or nested too deeply).
+        message = exc.detail if isinstance(exc.detail, str) else "the request is not valid"
+        if exc.status_code == 400:
+            message = "the request body could not be parsed: it is not UTF-8 JSON, or it is nested too deeply"
+        return JSONResponse(P.error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/health", responses={503: ERRORS[503]})
     async def health() -> Response:
+        """200 while the engine loop runs and steps; 503 while loading, draining, or if the loop has stopped."""
         state.ready()
         return Response(status_code=200)
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = state.metrics.render() if state.metrics is not None else ""
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+        """Prometheus metrics with vLLM's names and labels."""
+        body = state.metrics.render() if state.metrics is not None else b""
+        return Response(body, media_type=CONTENT_TYPE)
 
-    @app.post("/reset_prefix_cache")
-    async def reset_prefix_cache(request: Request) -> Response:
-        _auth(state, request)
+    @app.post("/reset_prefix_cache", dependencies=keyed, responses=ERRORS)
+    async def reset_prefix_cache() -> Response:
+        """Forget cached prompt prefixes (benchmarks that need a cold cache)."""
         state.ready().reset_prefix_cache()
         return Response(status_code=200)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        _auth(state, request)
-        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "mlc", "max_model_len": state.max_model_len}
-        return JSONResponse({"object": "list", "data": [card]})
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        """The server's version (mlc's), as vLLM answers it."""
+        return JSONResponse({"version": __version__})
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> JSONResponse:
-        _auth(state, request)
+    @app.get("/v1/models", dependencies=keyed, responses=ERRORS)
+    async def models() -> JSONResponse:
+        cards = [_card(state, state.model_name)] + [_card(state, name) for name in state.adapters()]
+        return JSONResponse({"object": "list", "data": cards})
+
+    @app.get("/v1/models/{model_id:anything}", dependencies=keyed, responses=ERRORS)
+    async def model(model_id: str) -> JSONResponse:
+        """One model's card (404 for a model this server does not serve)."""
+        _check_model(state, model_id)
+        return JSONResponse(_card(state, model_id))
+
+    @app.post("/v1/embeddings", dependencies=keyed, responses=ERRORS)
+    async def embeddings(req: P.EmbeddingRequest) -> JSONResponse:
+        """Each input's last hidden state (after the final norm), mean-pooled over its tokens and L2-normalised."""
+        engine = state.ready()
+        _check_model(state, req.model, adapters=False)  # embeddings come from the base model
+        hidden = engine.model.config.hidden_size
+        if req.dimensions is not None and req.dimensions != hidden:
+            raise P.bad("dimensions", f"must be the model's hidden size {hidden} (embeddings are not truncated)")
+        inputs = [state.tokenizer.encode(p) if isinstance(p, str) else p for p in req.inputs]
+        for ids in inputs:
+            if not ids:
+                raise P.bad("input", "an input must hold at least one token")
+            check_ids(state, "input", ids)
+            if len(ids) > state.max_model_len:
+                raise P.ApiError(400, f"this model's maximum context length is {state.max_model_len} tokens; an input has {len(ids)}",
+                                 param="input", code="context_length_exceeded")
+        vectors = await _in_engine(engine, lambda: [engine.embed(ids) for ids in inputs])
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)} for i, v in enumerate(vectors)]
+        tokens = sum(len(ids) for ids in inputs)
+        return JSONResponse({"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    @app.post("/tokenize", dependencies=keyed, responses=ERRORS)
+    async def tokenize(req: P.TokenizeRequest) -> JSONResponse:
+        """Token ids of a prompt, or of a chat rendered by the model's template."""
         state.ready()
-        body = await _json(request)
-        if not isinstance(body, dict):
-            raise P.ApiError(400, "the request body must be a JSON object")
-        unknown = set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt"}
-        if unknown:
-            raise P.bad(sorted(unknown)[0], "is not a supported parameter")
-        _check_model(state, body.get("model"), required=False)
-        if "messages" in body:
-            ids = _render_chat(state, P.chat_messages(body["messages"]), body.get("add_generation_prompt", True))
+        _check_model(state, req.model, required=False)
+        if req.prompt is None and req.messages is None:
+            raise P.bad("prompt", "give prompt (text) or messages (a chat)")
+        if req.prompt is not None and req.messages is not None:
+            raise P.bad("messages", "give prompt or messages, not both")
+        if req.messages is not None:
+            ids = _render_chat(state, req.messages, req.add_generation_prompt)
         else:
-            ids = state.tokenizer.encode(P.string("prompt", body.get("prompt")), add_special_tokens=body.get("add_special_tokens", True))
+            ids = state.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": state.max_model_len})
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> JSONResponse:
-        _auth(state, request)
+    @app.post("/detokenize", dependencies=keyed, responses=ERRORS)
+    async def detokenize(req: P.DetokenizeRequest) -> JSONResponse:
         state.ready()
-        body = await _json(request)
-        if not isinstance(body, dict):
-            raise P.ApiError(400, "the request body must be a JSON object")
-        unknown = set(body) - {"model", "tokens"}
-        if unknown:
-            raise P.bad(sorted(unknown)[0], "is not a supported parameter")
-        _check_model(state, body.get("model"), required=False)
-        ids = _check_ids(state, "tokens", P.token_ids("tokens", body.get("tokens")))
-        return JSONResponse({"prompt": state.tokenizer.decode(ids)})
+        _check_model(state, req.model, required=False)
+        check_ids(state, "tokens", req.tokens)
+        return JSONResponse({"prompt": state.tokenizer.decode(req.tokens)})
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        _auth(state, request)
+    @app.post("/v1/completions", dependencies=keyed, responses=ERRORS)
+    async def completions(req: P.CompletionRequest, request: Request) -> Response:
+        """OpenAI completions (streamed as server-sent events with stream: true)."""
         engine = state.ready()
-        req = P.validate(await _json(request), P.COMPLETION_FIELDS)
-        _check_model(state, req["model"])
-        if req.get("suffix"):
+        adapter = _check_model(state, req.model)
+        if req.suffix:
             raise P.bad("suffix", "is not supported")
-        n = req.get("n", 1)
-        if req.get("best_of", n) != n:
+        if req.best_of is not None and req.best_of != req.n:
             raise P.bad("best_of", "must equal n (best-of ranking is not supported)")
-        if req.get("echo") and req.get("logprobs") is not None:
+        if req.echo and req.logprobs is not None:
             raise P.bad("echo", "echo together with logprobs is not supported (prompt logprobs are not computed)")
-        tok = state.tokenizer
-        prompts = [tok.encode(p) if isinstance(p, str) else _check_ids(state, "prompt", p) for p in P.completion_prompts(req.get("prompt"))]
-        job = _Job(state, engine, "text_completion", req, prompts, req.get("max_tokens", 16), req.get("logprobs"))
+        prompts = [state.tokenizer.encode(p) if isinstance(p, str) else p for p in req.prompts]
+        for p in prompts:
+            if not p:
+                raise P.bad("prompt", "a prompt must hold at least one token")
+            check_ids(state, "prompt", p)
+        job = Job(state, engine, "text_completion", req, prompts, req.max_tokens, req.logprobs, adapter=adapter)
         return await job.respond(request)
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        _auth(state, request)
+    @app.post("/v1/chat/completions", dependencies=keyed, responses=ERRORS)
+    async def chat(req: P.ChatCompletionRequest, request: Request) -> Response:
+        """OpenAI chat completions (streamed as server-sent events with stream: true)."""
         engine = state.ready()
-        req = P.validate(await _json(request), P.CHAT_FIELDS)
-        _check_model(state, req["model"])
+        adapter = _check_model(state, req.model)
         call_schema = None
-        if "tools" in req:
-            call_schema = P.tool_schema(req["tools"], req.get("tool_choice"))
-            if call_schema is not None and "response_format" in req:
+        if req.tools is not None:
+            call_schema = P.tool_schema(req.tools, req.tool_choice)
+            if call_schema is not None and req.response_format is not None:
                 raise P.bad("response_format", "cannot be combined with a forced tool call")
-        elif "tool_choice" in req:
+        elif req.tool_choice is not None:
             raise P.bad("tool_choice", "needs tools")
-        if "top_logprobs" in req and not req.get("logprobs"):
+        if req.top_logprobs is not None and not req.logprobs:
             raise P.bad("top_logprobs", "needs logprobs: true")
-        prompt = _render_chat(state, P.chat_messages(req["messages"]), True, req.get("tools"))
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools is not None else None
+        prompt = _render_chat(state, req.messages, True, tools)
+        if not prompt:
+            raise P.bad("messages", "the chat template rendered no tokens")
+        response_format = req.response_format.model_dump(by_alias=True) if req.response_format is not None else None
         if call_schema is not None:
-            req["response_format"] = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": call_schema}}
-            req["tool_call"] = True
-        logprobs = req.get("top_logprobs", 0) if req.get("logprobs") else None
-        max_tokens = req.get("max_completion_tokens", req.get("max_tokens", max(1, state.max_model_len - len(prompt))))
-        job = _Job(state, engine, "chat.completion", req, [prompt], max_tokens, logprobs)
+            response_format = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": call_schema}}
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, state.max_model_len - len(prompt))
+        job = Job(state, engine, "chat.completion", req, [prompt], max_tokens, logprobs, response_format, call_schema is not None,
+                  adapter=adapter)
         return await job.respond(request)
 
+    if state.allow_runtime_lora:
+        @app.post("/v1/load_lora_adapter", dependencies=keyed, responses=ERRORS)
+        async def load_lora_adapter(req: P.LoadLoraRequest) -> JSONResponse:
+            """Serve one more LoRA adapter (a PEFT directory or a run reference) under lora_name (--allow-runtime-lora)."""
+            engine = state.ready()
+            if req.lora_name == state.model_name or req.lora_name in state.adapters():
+                raise P.bad("lora_name", f"{req.lora_name!r} is already served; unload it first")
+            from mlc.commands.serve.lora import LoraSet
+            from mlc.errors import InputError
+            from mlc.runs.refs import resolve
+
+            lora: LoraSet = engine.lora
+            try:
+                path = (await asyncio.to_thread(resolve, req.lora_path, state.runs_root or Path("runs"))).path
+                adapter = await _in_engine(engine, lambda: lora.read(req.lora_name, path))
+            except InputError as e:
+                raise P.bad("lora_path", e.message) from None
+            if req.lora_name in state.adapters():  # loaded by a concurrent request meanwhile
+                raise P.bad("lora_name", f"{req.lora_name!r} is already served; unload it first")
+            lora.add(adapter)
+            if state.record_input is not None:  # lineage: the run lists every adapter it served
+                await asyncio.to_thread(state.record_input, req.lora_path, f"lora:{req.lora_name}")
+            log.info("loaded LoRA adapter %s from %s", req.lora_name, path)
+            return JSONResponse({"id": req.lora_name, "object": "model", "root": str(path), "parent": state.model_name})
+
+        @app.post("/v1/unload_lora_adapter", dependencies=keyed, responses=ERRORS)
+        async def unload_lora_adapter(req: P.UnloadLoraRequest) -> JSONResponse:
+            """Stop serving an adapter; requests already running with it finish with it."""
+            engine = state.ready()
+            if engine.lora.remove(req.lora_name) is None:
+                raise P.ApiError(404, f"no LoRA adapter named {req.lora_name!r} is served", param="lora_name", code="model_not_found")
+            log.info("unloaded LoRA adapter %s", req.lora_name)
+            return JSONResponse({"id": req.lora_name, "object": "model", "deleted": True})
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, with its 422 validation responses replaced by the 400 this server answers."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)
     return app
 
 
-def _auth(state: ServerState, request: Request) -> None:
-    if state.api_key is None:
-        return
-    header = request.headers.get("authorization", "")
-    given = header[7:] if header.lower().startswith("bearer ") else ""
-    if not secrets.compare_digest(given.encode(), state.api_key.encode()):
-        raise P.ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>", code="invalid_api_key")
+class _BodyLimit:
+    """Refuse request bodies over `limit` bytes with a 413, before parsing them.
+
+    When Content-Length announces too much, the body is read and dropped as it arrives (memory stays
+    flat, and the keep-alive connection stays in step), then the 413 goes out; a chunked body is cut
+    off once it passes the limit.
+    """
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is larger than {self.limit} bytes"
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            while (event := await receive())["type"] == "http.request" and event.get("more_body"):
+                pass
+            await JSONResponse(P.error_body(413, message), status_code=413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Any:
+            nonlocal seen
+            event = await receive()
+            seen += len(event.get("body", b""))
+            if seen > self.limit:
+                raise HTTPException(413, message)  # FastAPI re-raises its own HTTPException from body parsing
+            return event
+
+        await self.app(scope, limited, send)
 
 
-async def _json(request: Request) -> Any:
+def _card(state: ServerState, model_id: str) -> dict[str, Any]:
+    """A model card; an adapter's names its base model as parent and its directory as root, as vLLM's do."""
+    card = {"id": model_id, "object": "model", "created": state.created, "owned_by": "mlc", "max_model_len": state.max_model_len}
+    if (adapter := state.adapters().get(model_id)) is not None:
+        card |= {"root": str(adapter.path), "parent": state.model_name}
+    return card
+
+
+async def _in_engine(engine: Engine, fn: Callable[[], Any]) -> Any:
+    """fn() run in the engine thread (the one thread that runs torch), awaited here; its exception is raised here."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def done(result: Any, error: BaseException | None) -> None:
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle)
+
+    engine.call(fn, done)
+    return await future
+
+
+def _encode_vector(v: Any, encoding: str) -> Any:
+    """A vector as JSON floats, or as OpenAI's base64 of little-endian float32 (what the openai client asks for by default)."""
+    if encoding == "base64":
+        return base64.b64encode(v.numpy().astype("<f4").tobytes()).decode()
+    return v.tolist()
+
+
+def _check_model(state: ServerState, model: str | None, required: bool = True, adapters: bool = True) -> Any:
+    """The LoRA adapter a request's model names (None for the base model); 404 for a model this server does not serve."""
+    if (model is None and not required) or model == state.model_name:
+        return None
+    if adapters and (adapter := state.adapters().get(model)) is not None:  # type: ignore[arg-type]
+        return adapter
+    names = [state.model_name, *state.adapters()] if adapters else [state.model_name]
+    raise P.ApiError(404, f"model {model!r} does not exist; this server serves {', '.join(map(repr, names))}", param="model",
+                     code="model_not_found")
+
+
+def _render_chat(state: ServerState, messages: list[P.Message], add_generation_prompt: bool, tools: list | None = None) -> list[int]:
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise P.ApiError(400, f"the request body is not valid JSON: {e}") from None
-
-
-def _check_model(state: ServerState, model: Any, required: bool = True) -> None:
-    if model is None and not required:
-        return
-    if model != state.model_name:
-        raise P.ApiError(404, f"model {model!r} does not exist; this server serves {state.model_name!r}", param="model", code="model_not_found")
-
-
-def _check_ids(state: ServerState, name: str, ids: list[int]) -> list[int]:
-    vocab = state.engine.vocab_size if state.engine is not None else 1 << 31
-    if not ids or max(ids) >= vocab:
-        raise P.bad(name, f"token ids must be non-empty and below the vocabulary size {vocab}")
-    return ids
-
-
-def _render_chat(state: ServerState, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list | None = None) -> list[int]:
-    try:
-        return state.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools)
+        return state.tokenizer.apply_chat_template([m.for_template() for m in messages], add_generation_prompt=add_generation_prompt,
+                                                   tokenize=True, tools=tools)
     except MlcError as e:
         raise P.bad("messages", e.message) from None
-
-
-@dataclass
-class _Choice:
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[Any] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: Any = None
-    started: bool = False
-
-
-class _Job:
-    """One API request: its engine requests, their events, and the response or stream built from them."""
-
-    def __init__(self, state: ServerState, engine: Engine, kind: str, req: dict[str, Any], prompts: list[list[int]], max_tokens: int, logprobs: int | None):
-        self.state, self.engine, self.kind, self.req = state, engine, kind, req
-        self.prompts, self.logprobs = prompts, logprobs
-        self.n = req.get("n", 1)
-        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        tok = state.tokenizer
-        vocab = engine.vocab_size
-        if "stop_token_ids" in req:
-            _check_ids(state, "stop_token_ids", req["stop_token_ids"])
-        if any(t >= vocab for t in req.get("logit_bias", {})):
-            raise P.bad("logit_bias", f"token ids must be below the vocabulary size {vocab}")
-        for p in prompts:
-            if len(p) + max_tokens > state.max_model_len:
-                raise P.ApiError(
-                    400,
-                    f"this model's maximum context length is {state.max_model_len} tokens; the prompt has {len(p)} and "
-                    f"max_tokens asks for {max_tokens} more",
-                    param="max_tokens" if len(p) < state.max_model_len else "messages" if kind == "chat.completion" else "prompt",
-                    code="context_length_exceeded",
-                )
-        grammar = None
-        if "response_format" in req:
-            try:
-                grammar = state.grammars.grammar(req["response_format"])
-            except ValidationError as e:
-                raise P.bad("response_format", "; ".join(e.problems)) from None
-        if engine.num_waiting >= state.max_queue:
-            raise P.ApiError(429, f"the queue is full ({state.max_queue} waiting requests); retry later", code="queue_full")
-        params = P.sampling_params(req, logprobs)
-        self.requests = [
-            GenerationRequest(
-                f"{self.id}-{i}",
-                p,
-                params,
-                max_tokens=max_tokens,
-                n=self.n,
-                stop=req.get("stop", []),
-                stop_token_ids=req.get("stop_token_ids", []),
-                ignore_eos=req.get("ignore_eos", False),
-                grammar=grammar,
-            )
-            for i, p in enumerate(prompts)
-        ]
-        self.slot = {r.request_id: i for i, r in enumerate(self.requests)}
-        self.choices = [_Choice() for _ in range(len(prompts) * self.n)]
-        self.cached = 0  # prompt tokens found in the prefix cache
-        self.tokenizer = tok
-        self.queue: asyncio.Queue[SeqEvent] = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
-
-    def _sink(self, event: SeqEvent) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-    def _submit(self) -> None:
-        for r in self.requests:
-            self.engine.submit(r, self._sink)
-
-    def _abort(self) -> None:
-        for r in self.requests:
-            self.engine.abort(r.request_id)
-
-    def _unfinished(self) -> bool:
-        return any(c.finish_reason is None for c in self.choices)
-
-    def _apply(self, ev: SeqEvent) -> int:
-        i = self.slot[ev.request_id] * self.n + ev.index
-        c = self.choices[i]
-        c.text += ev.text
-        c.token_ids += ev.token_ids
-        c.logprobs += ev.logprobs
-        if ev.finish_reason is not None:
-            c.finish_reason, c.stop_reason = ev.finish_reason, ev.stop_reason
-            self.cached += ev.cached_tokens if ev.index == 0 else 0
-        return i
-
-    def usage(self) -> dict[str, Any]:
-        prompt = sum(len(p) for p in self.prompts)
-        completion = sum(len(c.token_ids) for c in self.choices)
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached},
-        }
-
-    async def respond(self, request: Request) -> Response:
-        if self.req.get("stream"):
-            return StreamingResponse(self._stream(), media_type="text/event-stream")
-        self._submit()
-        disconnected = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            while self._unfinished():
-                getter = asyncio.ensure_future(self.queue.get())
-                await asyncio.wait({getter, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    self._abort()
-                    return Response(status_code=499)
-                self._apply(getter.result())
-        finally:
-            disconnected.cancel()
-        if any(c.finish_reason == "abort" for c in self.choices):
-            raise P.ApiError(503, "the engine failed while generating", code="engine_failed")
-        return JSONResponse(self._final_body())
-
-    def _final_body(self) -> dict[str, Any]:
-        chat = self.kind == "chat.completion"
-        choices = []
-        for i, c in enumerate(self.choices):
-            reason = c.finish_reason
-            if chat:
-                message: dict[str, Any] = {"role": "assistant", "content": c.text}
-                if self.req.get("tool_call") and reason == "stop":
-                    message, reason = {"role": "assistant", "content": None, "tool_calls": [self._tool_call(c.text)]}, "tool_calls"
-                choice = {"index": i, "message": message, "finish_reason": reason, "stop_reason": c.stop_reason}
-                choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs)} if self.logprobs is not None else None
-            else:
-                text = c.text
-                if self.req.get("echo"):
-                    text = self.tokenizer.decode(self.prompts[i // self.n]) + text
-                choice = {"index": i, "text": text, "finish_reason": reason, "stop_reason": c.stop_reason}
-                choice["logprobs"] = self._completion_logprobs(c.logprobs, 0) if self.logprobs is not None else None
-            choices.append(choice)
-        return {"id": self.id, "object": self.kind, "created": self.created, "model": self.state.model_name, "choices": choices, "usage": self.usage()}
-
-    async def _stream(self) -> AsyncIterator[str]:
-        chat = self.kind == "chat.completion"
-        include_usage = bool(self.req.get("stream_options", {}).get("include_usage"))
-        obj = "chat.completion.chunk" if chat else "text_completion"
-        offsets = [0] * len(self.choices)
-
-        def chunk(choice: dict[str, Any]) -> str:
-            body = {"id": self.id, "object": obj, "created": self.created, "model": self.state.model_name, "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
-            return f"data: {json.dumps(body)}\n\n"
-
-        self._submit()
-        try:
-            while self._unfinished():
-                ev = await self.queue.get()
-                i = self._apply(ev)
-                c = self.choices[i]
-                if chat:
-                    if not c.started:
-                        c.started = True
-                        yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-                    if self.req.get("tool_call"):  # the call is sent whole, once its JSON is complete
-                        if ev.finish_reason == "stop":
-                            call = {"index": 0, **self._tool_call(c.text)}
-                            yield chunk({"index": i, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None})
-                            yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"})
-                        elif ev.finish_reason is not None:
-                            yield chunk({"index": i, "delta": {"content": c.text}, "logprobs": None, "finish_reason": ev.finish_reason})
-                        continue
-                    if ev.text or ev.logprobs:
-                        lp = {"content": self._chat_logprobs(ev.logprobs)} if self.logprobs is not None else None
-                        yield chunk({"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None})
-                    if ev.finish_reason is not None:
-                        yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason, "stop_reason": ev.stop_reason})
-                else:
-                    text = ev.text
-                    if not c.started:
-                        c.started = True
-                        if self.req.get("echo"):
-                            text = self.tokenizer.decode(self.prompts[i // self.n]) + text
-                    lp = self._completion_logprobs(ev.logprobs, offsets[i]) if self.logprobs is not None else None
-                    offsets[i] += len(text)
-                    if text or ev.finish_reason is not None or lp:
-                        yield chunk({"index": i, "text": text, "logprobs": lp, "finish_reason": ev.finish_reason, "stop_reason": ev.stop_reason})
-            if include_usage:
-                body = {"id": self.id, "object": obj, "created": self.created, "model": self.state.model_name, "choices": [], "usage": self.usage()}
-                yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            if self._unfinished():
-                self._abort()
-
-    def _tool_call(self, text: str) -> dict[str, Any]:
-        call = json.loads(text)  # the grammar guarantees {"name": ..., "arguments": {...}}
-        return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
-
-    def _token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
-
-    def _chat_logprobs(self, results: list[Any]) -> list[dict[str, Any]]:
-        out = []
-        for r in results:
-            text = self._token_text(r.token)
-            top = [{"token": self._token_text(t), "logprob": lp, "bytes": list(self._token_text(t).encode())} for t, lp in (r.top or [])]
-            out.append({"token": text, "logprob": r.logprob, "bytes": list(text.encode()), "top_logprobs": top})
-        return out
-
-    def _completion_logprobs(self, results: list[Any], offset: int) -> dict[str, Any]:
-        tokens, offsets = [], []
-        for r in results:
-            tokens.append(self._token_text(r.token))
-            offsets.append(offset)
-            offset += len(tokens[-1])
-        return {
-            "tokens": tokens,
-            "token_logprobs": [r.logprob for r in results],
-            "top_logprobs": [{self._token_text(t): lp for t, lp in (r.top or [])} for r in results],
-            "text_offset": offsets,
-        }
-
-
-async def _wait_disconnect(request: Request) -> None:
-    """Return when the client closes the connection (the request body has been read already)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+    except Exception as e:  # noqa: BLE001 - the template is the model's code: any failure means it cannot render these messages
+        raise P.bad("messages", f"the model's chat template cannot render them ({type(e).__name__}: {e})") from None

@@ -77,16 +77,17 @@ class KVBlockPool:
             if self.refcount[b] == 0:
                 self.free[b] = None
 
-    def lookup(self, tokens: Sequence[int], max_tokens: int) -> tuple[list[int], int]:
+    def lookup(self, tokens: Sequence[int], max_tokens: int, root: int = NO_PARENT) -> tuple[list[int], int]:
         """(blocks, parent hash) of the longest cached run of full blocks starting tokens, within max_tokens.
 
-        The blocks are referenced for the caller. Counts queried and hit tokens for /metrics.
+        The blocks are referenced for the caller. Counts queried and hit tokens for /metrics. root starts the chain
+        of hashes (a LoRA adapter's salt: blocks computed under another adapter are not found).
         """
         if not self.enable_prefix_caching:
-            return [], NO_PARENT
+            return [], root
         bs = self.block_size
         blocks: list[int] = []
-        parent = NO_PARENT
+        parent = root
         self.prefix_queries += max_tokens
         for i in range(max_tokens // bs):
             key = block_hash(parent, tokens[i * bs : (i + 1) * bs])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import List, Optional
+
 import typer
 
 from mlc.cliutil import new_app
@@ -11,6 +13,7 @@ app = new_app("Serve a model over an OpenAI-compatible HTTP API (continuous batc
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="Model directory or run reference (run:<id>, latest:quantize)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, help="TCP port."),
@@ -21,24 +24,76 @@ def serve(
     max_batched_tokens: int = typer.Option(512, min=1, help="Token budget of one engine step (decodes + prefill chunks)."),
     max_running: int = typer.Option(128, min=1, help="Most sequences in the running batch."),
     max_model_len: int = typer.Option(None, min=1, help="Longest prompt + output (default: the model's, if the KV cache holds it)."),
-    max_queue: int = typer.Option(256, min=1, help="Waiting requests beyond which new ones get 429."),
+    max_queue: int = typer.Option(256, min=1, help="Waiting sequences (n per prompt) beyond which new requests get 429."),
     api_key: str = typer.Option(None, envvar="MLC_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 routes."),
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Reuse KV blocks of shared prompt prefixes."),
-    grace_period: float = typer.Option(30.0, min=0, help="Seconds SIGTERM waits for in-flight requests before aborting them."),
+    grace_period: float = typer.Option(
+        30.0, min=0, help="On SIGTERM, seconds in-flight requests may run on (new ones get 503) before the rest are aborted."
+    ),
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
     compile: bool = typer.Option(
         False, "--compile/--no-compile",
         help="torch.compile the decode steps: a slower start (minutes on a small CPU, compiled before serving), faster tokens.",
     ),
+    engine: str = typer.Option("mlc", help="mlc, or vllm: hand MODEL to vLLM's OpenAI server (when installed; see serve/README.md)."),
+    lora: Optional[List[str]] = typer.Option(
+        None, help="NAME=PATH: a LoRA adapter (PEFT directory or run:<id>) served unfolded as model NAME (repeatable; either engine)."
+    ),
+    allow_runtime_lora: bool = typer.Option(
+        False, "--allow-runtime-lora", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (reads paths on this host)."
+    ),
+    num_speculative_tokens: int = typer.Option(
+        0, min=0, help="Speculative decoding: up to N draft tokens per step by n-gram prompt lookup (0: off). Same output "
+        "distribution; greedy output identical; faster when replies copy from the prompt.",
+    ),
+    vllm_arg: Optional[List[str]] = typer.Option(None, help="--engine vllm: one argument passed to `vllm serve` as is (repeatable)."),
+    replicas: int = typer.Option(None, min=1, help="Serve N engine replicas on Ray Serve behind this endpoint (needs the ray extra)."),
+    min_replicas: int = typer.Option(None, min=1, help="Autoscale the replicas on requests in flight, from this many ..."),
+    max_replicas: int = typer.Option(None, min=1, help="... up to this many."),
+    target_ongoing_requests: float = typer.Option(16.0, min=0.1, help="Autoscaling: requests in flight per replica to aim for."),
+    ray_address: str = typer.Option("local", help="With replicas: the Ray cluster to join (auto, HOST:PORT, ray://...); local starts one."),
 ) -> None:
     """Serve MODEL at http://HOST:PORT/v1 until SIGTERM or Ctrl-C."""
     # OMP_WAIT_POLICY is left to the user: PASSIVE makes every matmul wake sleeping workers (a decode
     # step took 67 ms instead of 38 ms here). The engine runs torch in one thread only (see Engine.run).
-    from mlc.commands.serve.server import ServeConfig, serve as run_server
+    from mlc.errors import MlcUsageError
 
-    run_server(
-        ServeConfig(
-            model, host, port, served_model_name, dtype, kv_cache_memory, block_size, max_batched_tokens, max_running,
-            max_model_len, max_queue, api_key, prefix_caching, grace_period, threads, compile,
-        )
+    given = [n for n in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "ray_address")
+             if ctx.get_parameter_source(n).name != "DEFAULT"]
+    if given and engine == "vllm":
+        raise MlcUsageError("replicas on Ray Serve run mlc's engine", "leave out --engine vllm, or scale vLLM with its own options (--vllm-arg)")
+    if min_replicas is None and max_replicas is None and {"target_ongoing_requests"} & set(given):
+        raise MlcUsageError("--target-ongoing-requests sets autoscaling", "give --min-replicas and --max-replicas with it")
+    if replicas is None and min_replicas is None and max_replicas is None and given:
+        raise MlcUsageError("--ray-address places replicas", "give --replicas N (or --min-replicas/--max-replicas) with it")
+    if engine == "vllm" and allow_runtime_lora:
+        raise MlcUsageError("--allow-runtime-lora is for mlc's engine", "with --engine vllm, set VLLM_ALLOW_RUNTIME_LORA_UPDATING=True instead")
+    if engine == "vllm" and num_speculative_tokens:
+        raise MlcUsageError("--num-speculative-tokens is for mlc's engine",
+                            """with --engine vllm, pass --vllm-arg=--speculative-config --vllm-arg '{"method": "ngram", "num_speculative_tokens": N}'""")
+    if given and (lora or allow_runtime_lora):
+        raise MlcUsageError("LoRA adapters are not served by replicas yet", "serve them from one server (leave out --replicas), or fold them (mlc merge lora)")
+    if engine == "vllm":
+        from mlc.commands.serve.vllm import options_from_cli, serve_vllm
+
+        serve_vllm(model, options_from_cli(ctx.params, lambda name: ctx.get_parameter_source(name).name != "DEFAULT"))
+        return
+    if engine != "mlc" or vllm_arg:
+        if engine != "mlc":
+            raise MlcUsageError(f"--engine {engine!r} is not mlc or vllm", "leave it out for mlc's engine, or give --engine vllm")
+        raise MlcUsageError("--vllm-arg needs --engine vllm", "leave it out with mlc's engine")
+    from mlc.commands.serve.replicas import check_plan
+    from mlc.commands.serve.server import ServeConfig
+    from mlc.commands.serve.server import serve as run_server
+
+    cfg = ServeConfig(
+        model, host, port, served_model_name, dtype, kv_cache_memory, block_size, max_batched_tokens, max_running,
+        max_model_len, max_queue, api_key, prefix_caching, grace_period, threads, compile, list(lora or []), allow_runtime_lora,
+        num_speculative_tokens=num_speculative_tokens,
     )
+    if (span := check_plan(replicas, min_replicas, max_replicas)) is not None:
+        from mlc.commands.serve.replicas import ReplicaPlan, serve_replicas
+
+        serve_replicas(cfg, ReplicaPlan(*span, ray_address, target_ongoing_requests, float(threads or 1)))
+        return
+    run_server(cfg)

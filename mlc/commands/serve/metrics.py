@@ -1,96 +1,163 @@
-"""Prometheus metrics with vLLM's names (prefix `mlc:` instead of `vllm:`), in the text exposition format.
+"""Prometheus metrics through prometheus_client, with vLLM's names, types, label sets and buckets.
 
-A few counters and histograms need no client library: the engine thread updates plain numbers
-(each update is one bytecode-level operation under the GIL) and /metrics renders them.
+Names and labels are vLLM's (`vllm:` prefix; labels model_name and engine, finished_reason on
+request_success), so Grafana dashboards and alerts written for vLLM read mlc serve unchanged. The
+library writes the exposition format, escaping included. Each server has its own registry.
+Events (tokens, finished requests, latencies) are counted as they happen, from the engine thread;
+the engine's state (running and waiting sequences, KV blocks, prefix-cache and preemption counts)
+is read when /metrics is scraped, by a collector bound to the engine once it is loaded. The series
+vLLM has deprecated but its example Grafana dashboard still reads (gpu_cache_usage_perc,
+time_per_output_token_seconds) are served too. Two series have no vLLM counterpart and keep mlc's
+prefix: mlc:kv_cache_free_blocks and mlc:kv_cache_total_blocks.
 """
 
 from __future__ import annotations
 
-import bisect
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Iterator
+from typing import Any
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+LABELS = ["model_name", "engine"]
+FINISH_REASONS = ("stop", "length", "abort", "error")
+TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+                160.0, 640.0, 2560.0]
+ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
+REQUEST_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0,
+                   1920.0, 7680.0]
+ITERATION_BUCKETS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384]
 
 
-@dataclass
-class Histogram:
-    name: str
-    help: str
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    n: int = 0
+def buckets_1_2_5(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to limit (vLLM's token-count buckets)."""
+    out, scale = [], 1
+    while True:
+        for m in (1, 2, 5):
+            if m * scale > limit:
+                return out
+            out.append(m * scale)
+        scale *= 10
 
-    def __post_init__(self) -> None:
-        self.counts = [0] * (len(self.buckets) + 1)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
-        self.total += value
-        self.n += 1
-
-    def render(self, labels: str) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        running = 0
-        for bound, count in zip(self.buckets, self.counts):
-            running += count
-            lines.append(f'{self.name}_bucket{{{labels},le="{bound}"}} {running}')
-        lines.append(f'{self.name}_bucket{{{labels},le="+Inf"}} {self.n}')
-        lines.append(f"{self.name}_sum{{{labels}}} {self.total}")
-        lines.append(f"{self.name}_count{{{labels}}} {self.n}")
-        return lines
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class ServeMetrics:
-    def __init__(self, model_name: str):
-        self.labels = f'model_name="{model_name}"'
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.requests_finished: dict[str, int] = {}
-        self.ttft = Histogram("mlc:time_to_first_token_seconds", "Time to first token.")
-        self.itl = Histogram("mlc:inter_token_latency_seconds", "Time between consecutive output tokens.")
-        self.e2e = Histogram("mlc:e2e_request_latency_seconds", "End-to-end request latency.")
-        self.queue = Histogram("mlc:request_queue_time_seconds", "Time a request waited before its first step.")
-        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
-        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
+    def __init__(self, model_name: str, max_model_len: int = 2048):
+        self.registry = CollectorRegistry()
+        self.labels = {"model_name": model_name, "engine": "0"}
+        values = tuple(self.labels.values())
+        reg = self.registry
 
-    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.gauges[name] = (help, read)
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, LABELS, registry=reg).labels(*values)
 
-    def counter(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.counters[name] = (help, read)
+        def histogram(name: str, doc: str, buckets: list[float]) -> Any:
+            return Histogram(name, doc, LABELS, buckets=buckets, registry=reg).labels(*values)
 
-    def finished(self, reason: str) -> None:
-        self.requests_finished[reason] = self.requests_finished.get(reason, 0) + 1
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        success = Counter("vllm:request_success", "Count of successfully processed requests.", [*LABELS, "finished_reason"], registry=reg)
+        self._success = {r: success.labels(*values, r) for r in FINISH_REASONS}
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)
+        self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
+        self.tpot = histogram("vllm:time_per_output_token_seconds",
+                              "Histogram of time per output token in seconds. DEPRECATED: Use vllm:inter_token_latency_seconds instead.", ITL_BUCKETS)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", REQUEST_BUCKETS)
+        self.queue = histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", REQUEST_BUCKETS)
+        self.inference = histogram("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.", REQUEST_BUCKETS)
+        self.prefill = histogram("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", REQUEST_BUCKETS)
+        self.decode = histogram("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", REQUEST_BUCKETS)
+        lengths = buckets_1_2_5(max_model_len)
+        self.prompt_len = histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", lengths)
+        self.generation_len = histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", lengths)
+        self.max_tokens = histogram("vllm:request_params_max_tokens", "Histogram of the max_tokens request parameter.", lengths)
+        self.max_generation_len = histogram("vllm:request_max_num_generation_tokens",
+                                            "Histogram of maximum number of requested generation tokens.", lengths)
+        self.params_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.", [1, 2, 5, 10, 20])
+        # Speculative decoding (n-gram prompt lookup), with vLLM's names: acceptance rate = accepted / draft tokens.
+        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.")
+        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.")
+        self.spec_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.")
+        self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_BUCKETS)
 
-    def render(self) -> str:
-        lines: list[str] = []
-        for name, (help, read) in self.gauges.items():
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name}{{{self.labels}}} {read()}"]
-        counters = {
-            "mlc:prompt_tokens_total": ("Prompt tokens processed.", lambda: self.prompt_tokens),
-            "mlc:generation_tokens_total": ("Generated tokens.", lambda: self.generation_tokens),
-            **self.counters,
-        }
-        for name, (help, read) in counters.items():
-            lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name}{{{self.labels}}} {read()}"]
-        lines += ["# HELP mlc:request_success_total Finished requests by finish reason.", "# TYPE mlc:request_success_total counter"]
-        for reason, count in sorted(self.requests_finished.items()):
-            lines.append(f'mlc:request_success_total{{{self.labels},finished_reason="{reason}"}} {count}')
-        for hist in (self.ttft, self.itl, self.e2e, self.queue):
-            lines += hist.render(self.labels)
-        return "\n".join(lines) + "\n"
+    def finished(self, reason: str, prompt_tokens: int = 0, output_tokens: int = 0, arrival: float | None = None,
+                 scheduled: float | None = None, first_token: float | None = None, now: float | None = None) -> None:
+        """One sequence finished (stop, length, abort or error); with its times, the request histograms too."""
+        self._success[reason].inc()
+        if now is None or arrival is None:
+            return
+        self.e2e.observe(now - arrival)
+        self.prompt_len.observe(prompt_tokens)
+        self.generation_len.observe(output_tokens)
+        if scheduled is not None:
+            self.inference.observe(now - scheduled)
+            if first_token is not None:
+                self.prefill.observe(first_token - scheduled)
+                self.decode.observe(now - first_token)
+
+    def bind_engine(self, engine: Any) -> None:
+        """Report the engine's state on every scrape."""
+        self.registry.register(_EngineCollector(engine, self.labels))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one series, by its name without the vllm: prefix (0 when absent)."""
+        v = self.registry.get_sample_value(f"vllm:{name}", {**self.labels, **labels})
+        return v or 0.0
 
     def summary(self) -> dict[str, float]:
         """Totals for the run record at shutdown."""
-        mean = lambda h: h.total / h.n if h.n else 0.0  # noqa: E731
+
+        def mean(name: str) -> float:
+            n = self.value(f"{name}_count")
+            return self.value(f"{name}_sum") / n if n else 0.0
+
         return {
-            "requests": sum(self.requests_finished.values()),
-            "prompt_tokens": self.prompt_tokens,
-            "generation_tokens": self.generation_tokens,
-            "mean_ttft_s": mean(self.ttft),
-            "mean_itl_s": mean(self.itl),
-            "mean_e2e_s": mean(self.e2e),
-            **{name.removeprefix("mlc:"): read() for name, (_, read) in self.counters.items()},
+            "requests": sum(self.value("request_success_total", finished_reason=r) for r in FINISH_REASONS),
+            **{f"requests_{r}": self.value("request_success_total", finished_reason=r) for r in FINISH_REASONS},
+            "prompt_tokens": self.value("prompt_tokens_total"),
+            "generation_tokens": self.value("generation_tokens_total"),
+            "mean_ttft_s": mean("time_to_first_token_seconds"),
+            "mean_itl_s": mean("inter_token_latency_seconds"),
+            "mean_e2e_s": mean("e2e_request_latency_seconds"),
+            "prefix_cache_queries": self.value("prefix_cache_queries_total"),
+            "prefix_cache_hits": self.value("prefix_cache_hits_total"),
+            "num_preemptions": self.value("num_preemptions_total"),
         }
+
+
+class _EngineCollector:
+    def __init__(self, engine: Any, labels: dict[str, str]):
+        self.engine, self.values = engine, list(labels.values())
+
+    def collect(self) -> Iterator[Metric]:
+        e, pool, values = self.engine, self.engine.pool, self.values
+        for name, doc, read in (
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", lambda: e.num_running),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", lambda: e.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lambda: pool.usage),
+            ("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use vllm:kv_cache_usage_perc instead.",
+             lambda: pool.usage),
+            ("mlc:kv_cache_free_blocks", "KV-cache blocks free (cached prefixes included).", lambda: pool.num_free),
+            ("mlc:kv_cache_total_blocks", "KV-cache blocks in the pool.", lambda: pool.num_blocks),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=LABELS)
+            g.add_metric(values, read())
+            yield g
+        for name, doc, read in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", lambda: pool.prefix_queries),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", lambda: pool.prefix_hits),
+            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", lambda: e.scheduler.num_preemptions),
+        ):
+            c = CounterMetricFamily(name, doc, labels=LABELS)
+            c.add_metric(values, read())
+            yield c
+        info = {"block_size": str(e.config.block_size), "num_gpu_blocks": str(e.config.num_blocks),
+                "enable_prefix_caching": str(e.config.enable_prefix_caching), "engine": values[1]}
+        g = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=list(info))
+        g.add_metric(list(info.values()), 1)
+        yield g

@@ -33,6 +33,9 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     num_registered: int = 0  # leading blocks registered in the prefix cache
     parent_hash: int = NO_PARENT  # hash of the last registered block
+    # Where this sequence's chain of block hashes starts: NO_PARENT, or a LoRA adapter's salt, so that blocks whose keys and
+    # values were computed under different adapters are never shared through the prefix cache.
+    root_hash: int = NO_PARENT
     num_preemptions: int = 0
     finished: bool = False
 
@@ -49,6 +52,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Sequences whose own scheduling raised, taken out of the queues; the engine fails their requests.
+        self.faults: list[tuple[Sequence, Exception]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -69,13 +74,17 @@ class Scheduler:
             if seq.finished or seq not in self.running:  # preempted earlier in this loop
                 continue
             n = min(seq.num_pending, budget)
-            while not self._reserve(seq, n):
-                victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
-                budget += plan.pop(victim, 0)
-                self._preempt(victim)
-                preempted = True
-                if victim is seq:
-                    break
+            try:
+                while not self._reserve(seq, n):
+                    victim = max(self.running, key=lambda s: (s.arrival, s.seq_id))
+                    budget += plan.pop(victim, 0)
+                    self._preempt(victim)
+                    preempted = True
+                    if victim is seq:
+                        break
+            except Exception as e:  # noqa: BLE001 - this sequence's fault: set it aside, schedule the others
+                self._set_aside(seq, e)
+                continue
             if seq in self.running:
                 plan[seq] = n
                 budget -= n
@@ -84,10 +93,15 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.leader is not None and not seq.blocks and self._leader_busy(seq.leader):
                 break  # wait for the leader's prompt so its blocks can be shared, not recomputed
-            if not seq.blocks:
-                self._claim_prefix(seq)
-            n = min(seq.num_pending, budget)
-            if not self._reserve(seq, n):
+            try:
+                if not seq.blocks:
+                    self._claim_prefix(seq)
+                n = min(seq.num_pending, budget)
+                reserved = self._reserve(seq, n)
+            except Exception as e:  # noqa: BLE001
+                self._set_aside(seq, e)
+                continue
+            if not reserved:
                 self._reset(seq)  # hold no blocks while waiting, or running sequences could starve
                 break
             self.waiting.popleft()
@@ -95,6 +109,14 @@ class Scheduler:
             plan[seq] = n
             budget -= n
         return list(plan.items())
+
+    def _set_aside(self, seq: Sequence, e: Exception) -> None:
+        """Take a sequence whose scheduling raised out of the queues (its blocks go back when it is finished)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.faults.append((seq, e))
 
     def complete(self, seq: Sequence, n: int) -> None:
         """Record that the step computed n more tokens of seq; register its newly filled blocks."""
@@ -127,14 +149,18 @@ class Scheduler:
             k = min(limit, leader.prompt_len) // bs
             seq.blocks = leader.blocks[:k]
             self.pool.share(seq.blocks)
-            parent = NO_PARENT
+            parent = seq.root_hash
             for i in range(k):
                 parent = hash(block_hash(parent, seq.tokens[i * bs : (i + 1) * bs]))
         else:
-            seq.blocks, parent = self.pool.lookup(seq.tokens, limit)
+            seq.blocks, parent = self.pool.lookup(seq.tokens, limit, seq.root_hash)
         seq.num_computed = seq.num_registered = len(seq.blocks)
         seq.num_computed *= bs
         seq.parent_hash = parent
+
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Make seq's blocks cover n tokens from num_computed if blocks are free (no preemption); False otherwise."""
+        return self._reserve(seq, n)
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         """Make seq's blocks cover n more tokens; False when the pool has too few free."""
@@ -150,7 +176,7 @@ class Scheduler:
         self.pool.release(seq.blocks)
         seq.blocks = []
         seq.num_computed = seq.num_registered = 0
-        seq.parent_hash = NO_PARENT
+        seq.parent_hash = seq.root_hash
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

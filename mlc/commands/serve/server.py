@@ -6,12 +6,13 @@ import os
 import re
 import signal
 import threading
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlc import console
-from mlc.errors import InputError
+from mlc.errors import InputError, MlcError
 
 
 @dataclass
@@ -32,6 +33,9 @@ class ServeConfig:
     grace_period: float = 30.0
     threads: int | None = None
     compile: bool = False
+    lora: list[str] = field(default_factory=list)  # NAME=PATH (PATH may be a run reference)
+    allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
+    num_speculative_tokens: int = 0  # n-gram prompt-lookup drafts per decode step (0: off)
 
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 1024, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -63,11 +67,26 @@ def parse_memory(text: str, available: int) -> int:
     return int(value * UNITS[unit])
 
 
-def load_engine(cfg: ServeConfig, metrics: Any, path: Path, budget: int) -> tuple[Any, Any, Any]:
-    """(engine, tokenizer, grammar factory) for the model at path, with a KV pool sized by the config."""
+def parse_loras(specs: list[str], model_name: str) -> list[tuple[str, str]]:
+    """[(name, path or reference)] from --lora NAME=PATH options; InputError for a malformed or repeated name."""
+    out: list[tuple[str, str]] = []
+    for spec in specs:
+        name, eq, ref = spec.partition("=")
+        name, ref = name.strip(), ref.strip()
+        if not eq or not name or not ref:
+            raise InputError(f"--lora {spec!r} is not NAME=PATH", "e.g. --lora sql=run:3fa2c1 (the name clients send as model)")
+        if name == model_name or name in (n for n, _ in out):
+            raise InputError(f"--lora name {name!r} is used twice (or is the base model's name)", "give each adapter its own name")
+        out.append((name, ref))
+    return out
+
+
+def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: list[tuple[str, Path]] | None = None) -> tuple[Any, Any, Any]:
+    """(engine, tokenizer, grammar factory) for the model at path, with a KV pool sized by the config and the LoRA adapters given."""
     import torch
 
     from mlc.commands.serve.engine import Engine, EngineConfig
+    from mlc.commands.serve.metrics import ServeMetrics
     from mlc.commands.serve.structured import GrammarFactory
     from mlc.io.hfdir import read_config
     from mlc.kernels.paged_attention import PagedKVStore
@@ -82,6 +101,13 @@ def load_engine(cfg: ServeConfig, metrics: Any, path: Path, budget: int) -> tupl
         dtype_name = "bfloat16"  # the int8/int4 CPU kernels are fast with bf16 activations, 10-40x slower with fp32
     model = load_model(path, dtype=dtype_name)
     fuse_projections(model)  # 4 matmuls per layer instead of 7: each small matmul has a fixed cost at batch 1
+    lora = None
+    if loras or cfg.allow_runtime_lora:
+        from mlc.commands.serve.lora import LoraSet
+
+        lora = LoraSet(model)
+        for lora_name, lora_path in loras or []:
+            lora.add(lora.read(lora_name, lora_path))
     tokenizer = load_tokenizer(path)
     mc = model.config
     dtype = next(model.parameters()).dtype
@@ -101,9 +127,9 @@ def load_engine(cfg: ServeConfig, metrics: Any, path: Path, budget: int) -> tupl
             "raise --kv-cache-memory or lower --max-model-len",
         )
     config = EngineConfig(num_blocks, cfg.block_size, cfg.max_batched_tokens, cfg.max_running, max_len, cfg.enable_prefix_caching,
-                          cfg.compile)
+                          cfg.compile, cfg.num_speculative_tokens)
     grammars = GrammarFactory(tokenizer.backend.to_str(), mc.vocab_size, tokenizer.eos_token_ids)
-    engine = Engine(model, tokenizer, config, metrics, grammars)
+    engine = Engine(model, tokenizer, config, ServeMetrics(name, max_len), grammars, lora)
     return engine, tokenizer, grammars
 
 
@@ -112,32 +138,33 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
     import uvicorn
 
     from mlc.commands.serve.api import ServerState, build_app
-    from mlc.commands.serve.metrics import ServeMetrics
-    from mlc.models.load import resolve_model_path
     from mlc.runs import open_run
 
     budget = parse_memory(cfg.kv_cache_memory, available_memory())  # a bad size fails before anything starts
+    if cfg.compile and (cfg.lora or cfg.allow_runtime_lora):
+        raise InputError("--compile does not cover LoRA adapters yet", "serve adapters without --compile, or fold them (`mlc merge lora`)")
     record = {k: v for k, v in asdict(cfg).items() if k != "api_key"} | {"api_key": "set" if cfg.api_key else None}
     with open_run("serve", record, handle_sigterm=False) as run:
         path = run.add_input(cfg.model, role="model")
-        is_ref = str(cfg.model).startswith(("run:", "latest:"))
-        name = cfg.served_model_name or (str(cfg.model) if is_ref else Path(cfg.model).resolve().name)
-        metrics = ServeMetrics(name)
-        state = ServerState(name, cfg.api_key, cfg.max_queue, metrics=metrics)
+        name = served_name(cfg)
+        loras = [(n, run.add_input(ref, role=f"lora:{n}")) for n, ref in parse_loras(cfg.lora, name)]
+        state = ServerState(name, cfg.api_key, cfg.max_queue, record_input=run.add_input,
+                            allow_runtime_lora=cfg.allow_runtime_lora, runs_root=run.root)
 
         def load() -> None:
             """Load the model, then run the engine loop in this same thread until the server stops."""
             try:
-                engine, tokenizer, grammars = load_engine(cfg, metrics, path, budget)
-            except Exception as e:  # stop the server (there is nothing to serve); serve() re-raises it
+                engine, tokenizer, grammars = load_engine(cfg, name, path, budget, loras)
+            except Exception as e:  # noqa: BLE001 - stop the server (there is nothing to serve); serve() re-raises it
                 state.load_error = e
                 server.should_exit = True
                 return
             if cfg.compile:  # /health answers 503 (loading) until the decode step is compiled
                 console.info("compiling the decode step (torch.compile; minutes on a small CPU, less once cached)")
                 engine.warm_up()
-            _register_gauges(metrics, engine)
+            engine.metrics.bind_engine(engine)
             state.tokenizer, state.grammars, state.max_model_len = tokenizer, grammars, engine.config.max_model_len
+            state.metrics = engine.metrics
             state.engine = engine
             c = engine.config
             run.log(f"serving {path}: {c.num_blocks} KV blocks of {c.block_size} tokens, max model length {c.max_model_len}")
@@ -146,10 +173,14 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
                 f"max length {c.max_model_len}, {engine.dtype})"
             )
             engine.run()  # this thread loaded the weights, so it alone runs torch's OpenMP work (see Engine.run)
+            if engine.error is not None:  # the loop itself died: nothing will serve again, so stop (a supervisor restarts us)
+                state.load_error = MlcError(f"the engine loop failed: {engine.error!r}", "see the log above; restart the server")
+                server.should_exit = True
 
         server = DrainingServer(
-            uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=int(cfg.grace_period)),
+            uvicorn.Config(build_app(state), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5),
             state,
+            cfg.grace_period,
         )
         engine_thread = threading.Thread(target=load, name="mlc-serve-engine", daemon=True)
         engine_thread.start()
@@ -157,7 +188,7 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
         if state.engine is not None:
             state.engine.stop()
         engine_thread.join()
-        summary = metrics.summary()
+        summary = state.metrics.summary() if state.metrics is not None else {}
         run.log_metrics(summary)
         run.set_summary(**summary)
         if state.load_error is not None:
@@ -167,32 +198,58 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
         return summary
 
 
-def _register_gauges(metrics: Any, engine: Any) -> None:
-    pool = engine.pool
-    metrics.gauge("mlc:num_requests_running", "Sequences in the running batch.", lambda: engine.num_running)
-    metrics.gauge("mlc:num_requests_waiting", "Sequences waiting to be scheduled.", lambda: engine.num_waiting)
-    metrics.gauge("mlc:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).", lambda: pool.usage)
-    metrics.gauge("mlc:kv_cache_free_blocks", "KV-cache blocks free (including cached prefixes).", lambda: pool.num_free)
-    metrics.gauge("mlc:kv_cache_total_blocks", "KV-cache blocks in the pool.", lambda: pool.num_blocks)
-    metrics.counter("mlc:prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.", lambda: pool.prefix_queries)
-    metrics.counter("mlc:prefix_cache_hits_total", "Prompt tokens found in the prefix cache.", lambda: pool.prefix_hits)
-    metrics.counter("mlc:num_preemptions_total", "Sequences preempted (recomputed later).", lambda: engine.scheduler.num_preemptions)
+def served_name(cfg: ServeConfig) -> str:
+    """The model id clients send: --served-model-name, else a run reference or Hub id as given, else the directory's name."""
+    is_ref = str(cfg.model).startswith(("run:", "latest:"))
+    return cfg.served_model_name or (str(cfg.model) if is_ref or _is_hub_id(str(cfg.model)) else Path(cfg.model).resolve().name)
 
 
-def DrainingServer(config: Any, state: Any) -> Any:  # noqa: N802 - an instance of a class that needs uvicorn
-    """A uvicorn.Server whose SIGTERM/SIGINT first marks the server draining (new requests get 503).
+def _is_hub_id(text: str) -> bool:
+    """A Hub id (org/name[@revision]) that is not a local path: served under that id, as vLLM does."""
+    from mlc.io.hub import is_hub_id
 
-    uvicorn then stops accepting connections, waits up to the grace period for in-flight requests
-    and cancels the rest (their handlers abort their engine requests). The signal is not re-raised
-    afterwards, so the process records its run and exits 0.
+    return is_hub_id(text) and not Path(text).expanduser().exists()
+
+
+# After the grace period, the aborted streams get this long to send their final chunks before uvicorn stops.
+ABORT_FLUSH_S = 5.0
+
+
+def DrainingServer(config: Any, state: Any, grace_period: float) -> Any:  # noqa: N802 - an instance of a class that needs uvicorn
+    """A uvicorn.Server that drains on SIGTERM/SIGINT before it stops.
+
+    The first signal marks the server draining: it keeps listening, and new requests and /health
+    get 503 with Retry-After (so a load balancer moves on). Requests in flight run on for up to the
+    grace period; those still running then are aborted: streams end with a finish_reason "abort"
+    chunk and [DONE], other requests get a 503. Once none is left (or ABORT_FLUSH_S after the abort),
+    uvicorn stops as usual. A second signal stops at once. The signal is not re-raised afterwards,
+    so the process records its run and exits 0.
     """
     import uvicorn
 
     class Draining(uvicorn.Server):
+        drain_started: float | None = None
+        aborted_at: float | None = None
+
         def handle_exit(self, sig: int, frame: Any) -> None:
-            state.draining = True
+            if self.drain_started is None and not self.should_exit:
+                state.draining = True
+                self.drain_started = time.monotonic()
+                return
             if self.should_exit and sig == signal.SIGINT:
                 self.force_exit = True
             self.should_exit = True
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_started is not None and not self.should_exit:
+                now = time.monotonic()
+                if not state.jobs:
+                    self.should_exit = True
+                elif self.aborted_at is None and now - self.drain_started >= grace_period:
+                    state.abort_all()
+                    self.aborted_at = now
+                elif self.aborted_at is not None and now - self.aborted_at >= ABORT_FLUSH_S:
+                    self.should_exit = True
+            return await super().on_tick(counter)
 
     return Draining(config)

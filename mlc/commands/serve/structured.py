@@ -40,14 +40,14 @@ class GrammarFactory:
         elif kind == "json_schema":
             spec = response_format.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-                raise ValidationError(["response_format.json_schema must be an object with a 'schema' object"])
+                raise ValidationError(["json_schema must be an object with a 'schema' object"])
             schema = spec.get("schema", {})
         else:
-            raise ValidationError([f"response_format.type must be text, json_object or json_schema, not {kind!r}"])
+            raise ValidationError([f"type must be text, json_object or json_schema, not {kind!r}"])
         grammar = self._ll.LLMatcher.grammar_from_json_schema(json.dumps(schema))
         is_error, messages = self._ll.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
-            raise ValidationError([f"response_format: the JSON schema is not supported: {messages[0]}"])
+            raise ValidationError([f"the JSON schema is not supported: {messages[0]}"])
         return grammar
 
     def matcher(self, grammar: str) -> Any:

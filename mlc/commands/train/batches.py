@@ -53,6 +53,10 @@ class PackedSamples:
         mask = torch.from_numpy(masks[:, 1:].astype(np.bool_))
         return inputs, targets, mask
 
+    def units(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """What a global batch's loss is averaged over: target tokens."""
+        return int(batch[2].sum())
+
     def _window(self, i: int, array: np.ndarray | None = None) -> np.ndarray:
         start = (self.first + i) * self.seq_len
         return np.asarray((self.data.tokens if array is None else array)[start : start + self.seq_len + 1])

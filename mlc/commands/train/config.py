@@ -1,19 +1,17 @@
-"""The training config: TOML sections as dataclasses, `--set section.key=value` overrides, validation before work.
+"""The training config: TOML sections as pydantic models, `--set section.key=value` overrides, validation before work.
 
 Every problem is collected and reported at once, each naming its key (`train.steps: expected an integer, got 'ten'`),
-before a model is built or a token is read.
+before a model is built or a token is read: the models check types, unknown keys ("did you mean") and ranges
+(mlc.validation words pydantic's errors); `check` then checks what spans keys or reads the disk.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import sys
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,113 +19,155 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from mlc.errors import InputError, MlcError, ValidationError
+from mlc.validation import Strict, validate_all
+
+AtLeast0 = Annotated[int, Field(ge=0)]
+AtLeast1 = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[float, Field(ge=0)]
 
 
-@dataclass
-class ModelSection:
+class ModelSection(BaseModel):
+    model_config = Strict
     config: str = ""  # a config.json (or a directory holding one): pretrain from scratch
     init: str = ""  # an HF model directory or run reference: continue pretraining or fine-tune from it
     tokenizer: str = ""  # a directory with tokenizer.json; default: the model's own directory
     dtype: Literal["float32", "bfloat16"] = "float32"  # dtype of the weights the optimizer updates
 
 
-@dataclass
-class DataSection:
-    mode: Literal["pretrain", "sft"] = "pretrain"
-    train: str = ""  # text file (pretrain) or chat JSONL with {"messages": [...]} per line (sft)
+class DataSection(BaseModel):
+    model_config = Strict
+    mode: Literal["pretrain", "sft", "dpo"] = "pretrain"
+    # text (pretrain), chat JSONL with {"messages": [...]} per line (sft), or preference pairs (dpo: prompt/chosen/rejected)
+    train: str = ""
     eval: str = ""  # held-out file of the same kind; empty: hold out val_fraction of train
-    val_fraction: float = 0.05
-    seq_len: int = 256
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    seq_len: Annotated[int, Field(ge=2)] = 256
     shuffle: bool = True
 
 
-@dataclass
-class TrainSection:
-    steps: int = 100
-    batch_size: int = 8  # sequences per optimizer step, over all processes
-    micro_batch_size: int = 8  # sequences per forward pass on one process
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+class TrainSection(BaseModel):
+    model_config = Strict
+    steps: AtLeast1 = 100
+    batch_size: AtLeast1 = 8  # sequences per optimizer step, over all processes
+    micro_batch_size: AtLeast1 = 8  # sequences per forward pass on one process
+    grad_clip: NonNegative = 1.0  # max global grad norm; 0 disables clipping
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast around forward and loss
-    parallel: Literal["ddp", "fsdp"] = "ddp"  # how more than one process shares the work
+    # how more than one process shares the work; diloco: local steps, an outer step every [diloco] inner_steps
+    parallel: Literal["ddp", "fsdp", "diloco"] = "ddp"
     compile: bool = False  # torch.compile each transformer block
     seed: int = 0
 
 
-@dataclass
-class OptimSection:
-    name: Literal["adamw", "muon"] = "adamw"  # muon: Muon for 2-D hidden matrices, AdamW for the rest
-    lr: float = 3e-4
+class OptimSection(BaseModel):
+    model_config = Strict
+    # muon: Muon for 2-D hidden matrices, AdamW for the rest; galore: GaLore (2403.03507) for them instead
+    name: Literal["adamw", "muon", "galore"] = "adamw"
+    lr: Annotated[float, Field(gt=0)] = 3e-4
     weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     momentum: float = 0.95  # Muon's
     nesterov: bool = True  # Muon's
     ns_steps: int = 5  # Muon's Newton-Schulz iterations
+    galore_rank: AtLeast1 = 128  # GaLore's projection rank (the paper's)
+    galore_update_proj_gap: AtLeast1 = 200  # steps between GaLore's SVDs of the gradient
+    galore_scale: Annotated[float, Field(gt=0)] = 0.25  # GaLore's scale of the projected-back update
 
 
-@dataclass
-class ScheduleSection:
+class ScheduleSection(BaseModel):
+    model_config = Strict
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: AtLeast0 = 0
     warmup_start: float = 0.0  # warm-up starts at lr * warmup_start (re-warming a trained model starts low)
-    min_lr_ratio: float = 0.1  # cosine and WSD end at lr * min_lr_ratio
-    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # cosine and WSD end at lr * min_lr_ratio
+    decay_fraction: Annotated[float, Field(gt=0, le=1)] = 0.2  # WSD: the last fraction of steps decays linearly
 
 
-@dataclass
-class LoraSection:
+class LoraSection(BaseModel):
+    model_config = Strict
     enabled: bool = False
+    # nf4: QLoRA, the frozen base's linear layers held in 4-bit NormalFloat (mlc quantize's nf4), multiplied in bf16
+    base: Literal["dense", "nf4"] = "dense"
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     # Every projection; w1/w2/w3 are Mixtral's expert names (Qwen2-MoE experts reuse gate/up/down_proj).
-    target_modules: list[str] = field(
+    target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"]
     )
 
 
-@dataclass
-class MoeSection:
-    aux_loss_coef: float = 0.01  # Switch-style load-balancing loss; 0 disables
-    z_loss_coef: float = 0.0  # router z-loss (ST-MoE); 0 disables
+class MoeSection(BaseModel):
+    model_config = Strict
+    aux_loss_coef: NonNegative = 0.01  # Switch-style load-balancing loss; 0 disables
+    z_loss_coef: NonNegative = 0.0  # router z-loss (ST-MoE); 0 disables
 
 
-@dataclass
-class EvalSection:
+class DpoSection(BaseModel):
+    model_config = Strict
+    beta: Annotated[float, Field(gt=0)] = 0.1  # how far the policy may move from the reference (DPO's beta)
+
+
+class AverageSection(BaseModel):
+    model_config = Strict
+    ema: bool = False  # keep an exponential moving average of the weights (Early Weight Averaging, 2306.03241)
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.999
+    lawa_k: AtLeast0 = 0  # LAWA (2209.14981): average the k latest copies of the weights; 0: off
+    lawa_interval: AtLeast1 = 100  # steps between LAWA's copies
+
+
+class DilocoSection(BaseModel):
+    """train.parallel = "diloco" (DiLoCo, 2311.08105, as INTELLECT-1 ran it): see mlc.distributed.diloco."""
+
+    model_config = Strict
+    inner_steps: AtLeast1 = 50  # H: optimizer steps each worker takes alone between two outer steps
+    outer_lr: Annotated[float, Field(gt=0)] = 0.7  # the outer SGD's lr (both papers: 0.7)
+    outer_momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # its Nesterov momentum (both papers: 0.9)
+    quantize: bool = True  # send pseudo-gradients as uint8 with a per-tensor scale (INTELLECT-1); false: fp32
+
+
+class EvalSection(BaseModel):
+    model_config = Strict
     interval: int = 0  # steps between evaluations; 0: only at the end
     max_sequences: int = 64  # held-out sequences per evaluation (all processes together; the first ones, fixed)
 
 
-@dataclass
-class CheckpointSection:
-    interval: int = 0  # steps between checkpoints; 0: none (the final weights are always saved)
-    keep_last_k: int = 2  # 0 keeps every checkpoint
+class CheckpointSection(BaseModel):
+    model_config = Strict
+    interval: AtLeast0 = 0  # steps between checkpoints; 0: none (the final weights are always saved)
+    keep_last_k: AtLeast0 = 2  # 0 keeps every checkpoint
     resume: str = "auto"  # auto | none | run:<id> | path of a run directory
+    # Copy the state to host memory and write it in the background: the loop waits only for the copy. Same files,
+    # same crash safety (a step counts once its marker is written, after every rank's write finished).
+    async_save: bool = False
 
 
-@dataclass
-class LogSection:
-    interval: int = 1  # steps between metrics lines
+class LogSection(BaseModel):
+    model_config = Strict
+    interval: AtLeast1 = 1  # steps between metrics lines
     tensorboard: bool = True  # write event files (needs the tensorboard package; warns once when it is missing)
     peak_flops: float = 0.0  # FLOP/s of one device for MFU; 0: look the device up in the table
 
 
-@dataclass
-class TrainConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    schedule: ScheduleSection = field(default_factory=ScheduleSection)
-    lora: LoraSection = field(default_factory=LoraSection)
-    moe: MoeSection = field(default_factory=MoeSection)
-    eval: EvalSection = field(default_factory=EvalSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
-    log: LogSection = field(default_factory=LogSection)
+class TrainConfig(BaseModel):
+    model_config = Strict
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    moe: MoeSection = Field(default_factory=MoeSection)
+    dpo: DpoSection = Field(default_factory=DpoSection)
+    diloco: DilocoSection = Field(default_factory=DilocoSection)
+    average: AverageSection = Field(default_factory=AverageSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    log: LogSection = Field(default_factory=LogSection)
     out: str = ""  # also write the final model (or adapter) here, besides the run's artifact
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
 # ---- parsing --------------------------------------------------------------------------------------------------
@@ -160,7 +200,10 @@ def load_config(path: str | Path, overrides: list[str] = (), base_dir: Path | No
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist", "give the path of a TOML file, e.g. examples/train/pretrain_tiny.toml")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path} is not UTF-8 text ({_position(e)})", "save the config file as UTF-8") from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -173,75 +216,11 @@ def load_config(path: str | Path, overrides: list[str] = (), base_dir: Path | No
 
 
 def from_dict(raw: dict[str, Any]) -> TrainConfig:
-    """Build the dataclasses, collecting every unknown key and wrong type (raises ValidationError)."""
-    problems: list[str] = []
-    config = _build(TrainConfig, raw, "", problems)
-    if problems:
-        raise ValidationError(problems, "config", "fix the config file or the --set values; `mlc train --help` lists the sections")
+    """The validated config, or a ValidationError listing every unknown key, wrong type and value out of range."""
+    config, found = validate_all(TrainConfig, raw)
+    if config is None or found:
+        raise ValidationError(found, "config", "fix the config file or the --set values; `mlc train --help` lists the sections")
     return config
-
-
-def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    if not isinstance(raw, dict):
-        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a table, got {raw!r}")
-        return cls()
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        where = f"{prefix}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            problems.append(f"unknown key {where}" + (f" (did you mean {prefix}{close[0]}?)" if close else f"; known: {', '.join(names)}"))
-            continue
-        hint = hints[key]
-        if dataclasses.is_dataclass(hint):
-            values[key] = _build(hint, value, f"{where}.", problems)
-            continue
-        ok, converted, expected = _coerce(hint, value)
-        if ok:
-            values[key] = converted
-        else:
-            problems.append(f"{where}: expected {expected}, got {value!r}")
-    return cls(**values)
-
-
-def _coerce(hint: Any, value: Any) -> tuple[bool, Any, str]:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        return value in choices, value, "one of " + ", ".join(repr(c) for c in choices)
-    if origin in (list,):
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            return False, value, f"a list of {_name(item)}"
-        out = []
-        for v in value:
-            ok, c, _ = _coerce(item, v)
-            if not ok:
-                return False, value, f"a list of {_name(item)}"
-            out.append(c)
-        return True, out, ""
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            ok, c, _ = _coerce(arg, value)
-            if ok:
-                return True, c, ""
-        return False, value, " or ".join(_name(a) for a in typing.get_args(hint))
-    if hint is bool:
-        return isinstance(value, bool), value, "true or false"
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value, "an integer"
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return ok, float(value) if ok else value, "a number"
-    if hint is str:
-        return isinstance(value, str), value, "a string"
-    return isinstance(value, hint), value, _name(hint)
-
-
-def _name(hint: Any) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 # ---- semantic checks ------------------------------------------------------------------------------------------
@@ -261,7 +240,7 @@ def resolve_paths(config: TrainConfig, base_dir: Path) -> None:
 
 
 def check(config: TrainConfig) -> None:
-    """Value ranges, the combinations that make sense, and every file the run will read (ValidationError)."""
+    """The combinations of keys that make sense and every file the run will read (ValidationError)."""
     p: list[str] = []
     m, d, t, o, s = config.model, config.data, config.train, config.optim, config.schedule
     if bool(m.config) == bool(m.init):
@@ -270,54 +249,96 @@ def check(config: TrainConfig) -> None:
         p.append(f"model.config: {m.config} is not a config.json or a directory holding one")
     elif m.config:
         p.extend(_model_config_problems(_config_json(Path(m.config))))
-    if m.init and not m.init.startswith(("run:", "latest:")) and not Path(m.init).expanduser().is_dir():
-        p.append(f"model.init: {m.init} is not a model directory")
+    if m.init:
+        p.extend(_init_problems(m.init))
     if m.tokenizer and not (Path(m.tokenizer) / "tokenizer.json").is_file() and not Path(m.tokenizer).name == "tokenizer.json":
         p.append(f"model.tokenizer: no tokenizer.json in {m.tokenizer}")
     if not d.train:
         p.append("data.train: missing; give the training file (text for pretrain, chat JSONL for sft)")
     elif not Path(d.train).is_file():
         p.append(f"data.train: {d.train} does not exist")
+    else:
+        p.extend(_utf8_problems("data.train", Path(d.train)))
     if d.eval and not Path(d.eval).is_file():
         p.append(f"data.eval: {d.eval} does not exist")
-    if not 0.0 <= d.val_fraction < 1.0:
-        p.append(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    elif d.eval:
+        p.extend(_utf8_problems("data.eval", Path(d.eval)))
     if not d.eval and d.val_fraction == 0.0 and config.eval.interval > 0:
         p.append("eval.interval: evaluation needs data.eval or data.val_fraction > 0")
-    if d.seq_len < 2:
-        p.append(f"data.seq_len: must be at least 2, got {d.seq_len}")
-    for key in ("steps", "batch_size", "micro_batch_size"):
-        if getattr(t, key) < 1:
-            p.append(f"train.{key}: must be at least 1, got {getattr(t, key)}")
-    if t.batch_size >= 1 and t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size:
+    if t.batch_size % t.micro_batch_size:
         p.append(f"train.batch_size: {t.batch_size} is not a multiple of train.micro_batch_size {t.micro_batch_size}")
-    if t.grad_clip < 0:
-        p.append(f"train.grad_clip: must be >= 0, got {t.grad_clip}")
-    if o.lr <= 0:
-        p.append(f"optim.lr: must be positive, got {o.lr}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         p.append(f"optim.betas: expected two numbers in [0, 1), got {o.betas}")
-    if s.warmup_steps < 0 or s.warmup_steps > t.steps:
+    if s.warmup_steps > t.steps:
         p.append(f"schedule.warmup_steps: must be between 0 and train.steps ({t.steps}), got {s.warmup_steps}")
-    if not 0 <= s.min_lr_ratio <= 1:
-        p.append(f"schedule.min_lr_ratio: must be in [0, 1], got {s.min_lr_ratio}")
-    if not 0 < s.decay_fraction <= 1:
-        p.append(f"schedule.decay_fraction: must be in (0, 1], got {s.decay_fraction}")
     if config.lora.enabled and (config.lora.r < 1 or not config.lora.target_modules):
         p.append("lora.r / lora.target_modules: LoRA needs r >= 1 and at least one target module")
+    if config.lora.base != "dense" and not config.lora.enabled:
+        p.append(f"lora.base: {config.lora.base} holds the base of a LoRA run; set lora.enabled = true")
+    if config.lora.base != "dense" and t.parallel == "fsdp":
+        p.append(f"lora.base: a {config.lora.base} base is not sharded by FSDP; use train.parallel = \"ddp\"")
+    if o.name == "galore" and t.parallel == "fsdp":
+        p.append('optim.name: GaLore needs each matrix\'s whole gradient for its SVD, which FSDP shards; use train.parallel = "ddp"')
     if config.lora.enabled and not m.init:
         p.append("lora.enabled: LoRA adapts a trained model; set model.init")
-    for key in ("interval", "keep_last_k"):
-        if getattr(config.checkpoint, key) < 0:
-            p.append(f"checkpoint.{key}: must be >= 0")
+    if d.mode == "dpo" and not m.init:
+        p.append("data.mode: DPO tunes a trained model (its starting weights are the reference); set model.init")
     if config.out and Path(config.out).exists():
         p.append(f"out: {config.out} already exists; choose a new directory (the run's own artifact needs none)")
-    if config.log.interval < 1:
-        p.append(f"log.interval: must be at least 1, got {config.log.interval}")
-    if config.moe.aux_loss_coef < 0 or config.moe.z_loss_coef < 0:
-        p.append("moe.aux_loss_coef / moe.z_loss_coef: must be >= 0")
     if p:
         raise ValidationError(p, "config", "fix the config file or the --set values")
+
+
+def _init_problems(init: str) -> list[str]:
+    """model.init must name a model directory with a config.json (a run reference is resolved to find it)."""
+    from mlc.runs.refs import is_ref, resolve
+
+    if is_ref(init):
+        from mlc import options
+
+        try:
+            path = resolve(init, options.get().runs_dir).path
+        except MlcError as e:
+            return [f"model.init: {e.one_line()}"]
+    else:
+        path = Path(init).expanduser()
+        if not path.exists() and init.count("/") == 1 and not init.startswith((".", "/", "~")):
+            return []  # a Hub id (org/name): resolved through the Hub cache when the run starts
+    if not path.is_dir():
+        return [f"model.init: {init} is not a model directory"]
+    if not (path / "config.json").is_file():
+        return [f"model.init: {path} has no config.json (a model directory holds config.json and the weights)"]
+    return []
+
+
+def _utf8_problems(key: str, path: Path, chunk: int = 1 << 22) -> list[str]:
+    """A data file that is not UTF-8, named with the line and byte where decoding stops (streamed: any size)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = lines = 0  # bytes and newlines before the current block
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            pending = decoder.getstate()[0]  # an incomplete character carried over from the previous block
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                where = _position(e, offset - len(pending), lines - pending.count(NEWLINE))
+                return [f"{key}: {path} is not UTF-8 text ({where})"]
+            if not block:
+                return []
+            offset += len(block)
+            lines += block.count(NEWLINE)
+
+
+NEWLINE = b"\n"
+
+
+def _position(e: UnicodeDecodeError, base: int = 0, lines: int = 0) -> str:
+    """Where a decode error is: its byte in the file (e.object starts at byte `base`), its line, the bad bytes."""
+    data = e.object
+    return f"byte {base + e.start}, line {lines + data.count(NEWLINE, 0, e.start) + 1}: {bytes(data[e.start:e.start + 4])!r}"
 
 
 def _model_config_problems(path: Path) -> list[str]:
@@ -362,8 +383,12 @@ def fingerprint(config: TrainConfig) -> str:
     import json
 
     data = config.to_dict()
-    data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k != "resume"}
+    data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k not in ("resume", "async_save")}
     data["log"] = {}
     # How the work is split does not change the trajectory: a DDP run may resume under FSDP2 and vice versa.
     data["train"] = {k: v for k, v in data["train"].items() if k not in ("parallel", "compile")}
+    if config.train.parallel == "diloco":  # DiLoCo does change it (workers drift apart between outer steps)
+        data["train"]["parallel"] = "diloco"
+    else:
+        data.pop("diloco")
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

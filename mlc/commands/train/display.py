@@ -43,6 +43,8 @@ class MetricsSink:
 
 def _fmt(latest: dict[str, Any]) -> str:
     parts = [f"loss {latest['loss']:.4f}"] if "loss" in latest else []
+    if "margin" in latest:
+        parts.append(f"margin {latest['margin']:.3f}")
     if "lr" in latest:
         parts.append(f"lr {latest['lr']:.2e}")
     if "grad_norm" in latest:
@@ -52,7 +54,9 @@ def _fmt(latest: dict[str, Any]) -> str:
     if latest.get("mfu") is not None:
         parts.append(f"MFU {100 * latest['mfu']:.1f}%")
     if "eval_loss" in latest:
-        parts.append(f"eval {latest['eval_loss']:.4f} (ppl {latest['eval_ppl']:.2f})")
+        parts.append(f"eval {latest['eval_loss']:.4f}" + (f" (ppl {latest['eval_ppl']:.2f})" if "eval_ppl" in latest else ""))
+    if "eval_margin" in latest:
+        parts.append(f"eval margin {latest['eval_margin']:.3f}")
     return "  ".join(parts)
 
 

@@ -11,28 +11,34 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from mlc.commands.train.config import TrainConfig
 from mlc.commands.train.model import causal_lm
-from mlc.engine import dist as mdist
+from mlc.distributed import dist as mdist
 from mlc.models import CausalLM, save_model
 from mlc.runs import Run
 
 
 def export_final(
-    model: nn.Module, config: TrainConfig, run: Run | None, info: mdist.DistInfo, tokenizer_dir: Path, init_dir: Path | None
+    model: nn.Module, config: TrainConfig, run: Run | None, info: mdist.DistInfo, tokenizer_dir: Path, init_dir: Path | None,
+    average: str = "",
 ) -> Path | None:
-    """Gather the full weights onto rank 0 (a collective: every rank calls it) and write the artifact there."""
+    """Gather the full weights onto rank 0 (a collective: every rank calls it) and write the artifact there.
+
+    average: "" for the trained weights (artifact `model` or `adapter`, also written to config.out), or the name of
+    the weight average the model holds now (artifact `model-ema`, `adapter-lawa`, ...).
+    """
     lora = config.lora.enabled
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora)
     state = get_model_state_dict(model, options=options)
     path = None
     if run is not None:
-        meta = {"steps": config.train.steps, "mode": config.data.mode, "lora": lora}
-        if lora:
-            with run.artifact("adapter", kind="adapter", out=config.out or None, overwrite=not config.out, meta=meta) as staging:
+        name = ("adapter" if lora else "model") + (f"-{average}" if average else "")
+        out = (config.out or None) if not average else None
+        meta = {"steps": config.train.steps, "mode": config.data.mode, "lora": lora, "average": average or None}
+        with run.artifact(name, kind="adapter" if lora else "model", out=out, overwrite=out is None, meta=meta) as staging:
+            if lora:
                 _save_adapter(model, state, staging, init_dir)
-        else:
-            with run.artifact("model", kind="model", out=config.out or None, overwrite=not config.out, meta=meta) as staging:
+            else:
                 _save_model(model, state, staging, tokenizer_dir)
-        path = Path(run.data["artifacts"]["adapter" if lora else "model"]["path"])
+        path = Path(run.data["artifacts"][name]["path"])
     mdist.barrier()
     return path
 

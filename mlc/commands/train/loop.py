@@ -7,7 +7,6 @@ metrics and artifacts; all ranks write their own checkpoint shards.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -19,20 +18,25 @@ import torch
 
 from mlc import console
 from mlc.commands.train import moe
-from mlc.commands.train.batches import PackedSamples, SampleOrder, micro_batch_positions
+from mlc.commands.train.averaging import WeightAverages
+from mlc.commands.train.batches import PackedSamples, SampleOrder
 from mlc.commands.train.config import TrainConfig, check_world
 from mlc.commands.train.display import LiveDisplay, MetricsSink
+from mlc.commands.train.dpo import DpoTrainer, attach_reference, evaluate_pairs
 from mlc.commands.train.export import export_final
 from mlc.commands.train.loss import evaluate, summed_cross_entropy
 from mlc.commands.train.model import add_lora, blocks, create_model, flops_per_token, model_config
 from mlc.commands.train.optim import build_optimizers, set_lr
-from mlc.commands.train.rundir import CHECKPOINTS, training_run
+from mlc.commands.train.preference import PreferencePairs, tokenize_pairs
+from mlc.commands.train.resume import CHECKPOINTS, training_run
 from mlc.commands.train.schedule import lr_factor
+from mlc.commands.train.step import Trainer, autocast, step_batches
 from mlc.commands.train.tokens import tokenize_file, tokenizer_hash
-from mlc.engine import dist as mdist
-from mlc.engine import faults, parallel
-from mlc.engine.checkpoint import CheckpointManager, TrainState, seed_everything
-from mlc.engine.flops import device_peak_flops
+from mlc.distributed import diloco, faults, parallel, report
+from mlc.distributed import dist as mdist
+from mlc.distributed.checkpoint import CheckpointManager, TrainState, seed_everything
+from mlc.distributed.flops import device_peak_flops
+from mlc.distributed.preemption import Preempted, Preemption
 from mlc.errors import InputError
 from mlc.runs import Run
 
@@ -42,22 +46,25 @@ TRACE_ENV = "MLC_TRAIN_TRACE_SAMPLES"
 
 @dataclass
 class Data:
-    train: PackedSamples
-    eval: PackedSamples | None
+    train: PackedSamples | PreferencePairs
+    eval: PackedSamples | PreferencePairs | None
     tokenizer_dir: Path
 
 
 def train(config: TrainConfig, given_text: str = "", peak_flops: float = 0.0) -> dict[str, Any]:
     """Train as configured in this process (one of the world); returns rank 0's summary (others get {})."""
     info = mdist.init()
+    preemption = Preemption()
     try:
-        with training_run(config, given_text, info) as (run, run_path):
-            return _train(config, info, run, run_path, peak_flops)
+        with preemption.installed(), training_run(config, given_text, info) as (run, run_path):
+            return _train(config, info, run, run_path, peak_flops, preemption)
     finally:
         mdist.shutdown()
 
 
-def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path: Path, peak_flops: float) -> dict[str, Any]:
+def _train(
+    config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path: Path, peak_flops: float, preemption: Preemption
+) -> dict[str, Any]:
     tc, B, mb = config.train, config.train.batch_size, config.train.micro_batch_size
     accum = check_world(config, info.world_size)
     # Every process builds the same model (LoRA's random init included: FSDP2 shards each rank's own copy).
@@ -85,12 +92,17 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
     model = _wrap(model, tc.parallel, info, find_unused=mcfg.is_moe)
     optimizers = build_optimizers(model, config.optim)
     seed_everything(tc.seed * 1000 + info.rank)  # from here on, each process draws its own random numbers
-    state = TrainState(model, optimizers, trainable_only=config.lora.enabled)
-    manager = CheckpointManager(run_path / CHECKPOINTS, config.checkpoint.keep_last_k)
+    # Weight averages start from the weights before the first step (a resumed run loads them with the rest).
+    averages = WeightAverages(model, config.average) if config.average.ema or config.average.lawa_k else None
+    outer = diloco.create(model, optimizers, config, info)  # train.parallel = "diloco": the outer optimizer
+    extra_state = {**({"average": averages} if averages else {}), **({"diloco": outer} if outer else {})}
+    state = TrainState(model, optimizers, trainable_only=config.lora.enabled, extra=extra_state or None)
+    manager = CheckpointManager(run_path / CHECKPOINTS, config.checkpoint.keep_last_k, async_save=config.checkpoint.async_save)
 
     start = 0
     latest = manager.latest()
     if latest is not None:
+        diloco.check_resume(outer, latest, info.world_size)
         trainer = manager.load(latest, state)
         start = trainer["step"]
         if trainer["consumed_samples"] != start * config.train.batch_size:
@@ -105,12 +117,20 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
             run.log(f"resumed from {latest.name} (saved on {trainer['world_size']} processes, now {info.world_size})")
             run.log_metrics({"event": "resume", "step": start, "world_size": info.world_size})
 
+    dpo_mode = config.data.mode == "dpo"
+    if dpo_mode:
+        seconds = attach_reference(model, {"train": data.train, "eval": data.eval}, run_path, latest is not None, mb, info, autocast(tc.precision, info.device))
+        if run is not None and seconds:
+            run.log(f"reference log-probs of {len(data.train)} + {len(data.eval or [])} pairs computed in {seconds:.1f} s")
+
     order = SampleOrder(len(data.train), tc.seed, config.data.shuffle)
     seq = config.data.seq_len
     tokens_per_step = B * seq
     fpt = flops_per_token(mcfg, seq)
     peak = device_peak_flops(info.device, peak_flops)
-    autocast = _autocast(tc.precision, info.device)
+    trainer = (DpoTrainer if dpo_mode else Trainer)(model, optimizers, config, mcfg, info, loss_fn, autocast(tc.precision, info.device))
+    if dpo_mode:
+        trainer.beta = config.dpo.beta
     sink = MetricsSink(run, config.log.tensorboard) if run is not None else None
     trace = os.environ.get(TRACE_ENV)
     expert_counts: torch.Tensor | None = None
@@ -121,17 +141,20 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
             lr = set_lr(optimizers, lr_factor(step, tc.steps, config.schedule))
-            micro, n_targets = _step_batches(data.train, order, step, accum, config, info, trace)
-            loss_sum, counts = _forward_backward(model, micro, n_targets, loss_fn, autocast, config, mcfg, info)
+            micro, n_targets = step_batches(data.train, order, step, accum, config, info, trace)
+            loss_sum, grad_norm, counts = trainer.train_step(micro, n_targets)
+            if outer is not None:
+                outer.after_step(step + 1)
+            if averages is not None:
+                averages.update(step + 1)
             if counts is not None:
                 expert_counts = counts if expert_counts is None else expert_counts + counts
-            grad_norm = parallel.clip_grad_norm(model, tc.grad_clip)
-            for opt in optimizers:
-                opt.step()
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            # One device sync per step, for both figures.
-            step_loss, grad_norm = torch.cat([mdist.all_reduce_sum(loss_sum.reshape(1)) / n_targets, grad_norm.reshape(1).to(n_targets)]).tolist()
+            # One all-reduce and one device sync per step: the loss (and DPO's figures), and whether any process was
+            # asked to stop.
+            extra = getattr(trainer, "sums", {})
+            summed = mdist.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(preemption.requested)), *extra.values()]))
+            means = torch.cat([summed[:1] / n_targets, summed[1:2], summed[2:] / n_targets, grad_norm.reshape(1).to(n_targets)]).tolist()
+            step_loss, stop, grad_norm = means[0], means[1], means[-1]
             if not math.isfinite(step_loss):
                 raise InputError(f"the loss became {step_loss} at step {step + 1}", "lower optim.lr, or set train.grad_clip")
             elapsed = time.perf_counter() - t0
@@ -141,28 +164,40 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
             values: dict[str, Any] = {
                 "step": done, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": rate, "mfu": (fpt * rate / (peak * info.world_size)) if peak else None,
-                "tokens": done * tokens_per_step,
+                "tokens": done * tokens_per_step, **dict(zip(extra, means[2:-1])),
             }
+            if outer is not None:
+                values["comm_bytes"] = outer.bytes_sent
             if expert_counts is not None and (done % config.log.interval == 0 or done == tc.steps):
                 values.update(moe.utilisation_metrics(mdist.all_reduce_sum(expert_counts).cpu()))
                 expert_counts = None
             if config.eval.interval and done % config.eval.interval == 0 and done < tc.steps and data.eval is not None:
-                values.update(evaluate(model, data.eval, config.eval.max_sequences, mb, info, autocast))
+                values.update(_evaluate(model, data.eval, config, info, trainer.autocast, averages))
             if sink is not None and (done % config.log.interval == 0 or done == tc.steps or "eval_loss" in values):
                 sink.log(values)
             if display is not None:
                 display.update(done, values)
             last.update(values)
+            progress = {"consumed_samples": done * B, "tokens": done * tokens_per_step}
             if config.checkpoint.interval and done % config.checkpoint.interval == 0 and done < tc.steps:
-                manager.save(done, state, {"consumed_samples": done * B, "tokens": done * tokens_per_step})
+                _checkpoint(manager, state, done, progress, run)
             faults.maybe_kill("after-step", done)
+            if stop and done < tc.steps:
+                _stop_for_preemption(manager, state, done, progress, preemption, run)
 
+    manager.close()  # an asynchronous write still in flight completes (or fails) here
+    if outer is not None:
+        outer.finish(tc.steps)  # the last round may be shorter than inner_steps: every worker ends on the shared weights
     final: dict[str, Any] = {}
     if data.eval is not None:
-        final = evaluate(model, data.eval, config.eval.max_sequences, mb, info, autocast)
+        final = _evaluate(model, data.eval, config, info, trainer.autocast, averages)
         if sink is not None:
             sink.log({"step": tc.steps, **final})
     artifact = export_final(model, config, run, info, data.tokenizer_dir, init_dir)
+    for name in averages.names if averages is not None else []:
+        if averages.ready(name):
+            with averages.swapped_in(name):
+                export_final(model, config, run, info, data.tokenizer_dir, init_dir, average=name)
     if sink is not None:
         sink.close()
     if run is None:
@@ -183,68 +218,57 @@ def _train(config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path:
     return {"run": run.id, "run_dir": str(run.path), **summary}
 
 
-def _step_batches(
-    samples: PackedSamples, order: SampleOrder, step: int, accum: int, config: TrainConfig, info: mdist.DistInfo, trace: str | None
-) -> tuple[list[tuple[torch.Tensor, ...]], torch.Tensor]:
-    """This process's micro-batches (inputs, targets, mask) for `step`, and the target-token count of the global batch."""
-    micro, local_targets = [], 0
-    for m in range(accum):
-        positions = micro_batch_positions(step, m, info.rank, info.world_size, config.train.micro_batch_size, config.train.batch_size)
-        indices = [order[p] for p in positions]
-        if trace:
-            with open(trace, "a") as f:
-                f.write(json.dumps({"step": step, "rank": info.rank, "samples": indices}) + "\n")
-        batch = samples.batch(indices)
-        local_targets += int(batch[2].sum())  # counted on the host: no device sync before the forward
-        micro.append(tuple(_to_device(t, info.device) for t in batch))
-    return micro, mdist.all_reduce_sum(torch.tensor([float(local_targets)], device=info.device)).clamp(min=1.0)
+def _checkpoint(manager: CheckpointManager, state: TrainState, done: int, progress: dict[str, Any], run: Run | None) -> None:
+    """Save step `done`, recording how long the loop was blocked (with async_save: the copy to host memory)."""
+    t0 = time.perf_counter()
+    manager.save(done, state, progress)
+    if run is not None:
+        event = {"event": "checkpoint", "step": done, "blocking_s": round(time.perf_counter() - t0, 6)}
+        if manager.writer is not None and manager.writer.last_write_s is not None:
+            event["previous_write_s"] = round(manager.writer.last_write_s, 6)  # the background write before this one
+        run.log_metrics(event)
 
 
-def _forward_backward(
-    model: torch.nn.Module, micro: list, n_targets: torch.Tensor, loss_fn, autocast, config: TrainConfig, mcfg, info: mdist.DistInfo
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Accumulate the gradients of one optimizer step; returns the summed token loss and MoE routing counts."""
-    loss_sum = torch.zeros((), device=info.device)
-    counts = None
-    top_k = mcfg.num_experts_per_tok
-    for m, (x, y, mask) in enumerate(micro):
-        parallel.sync_gradients(model, m == len(micro) - 1)  # reduce gradients once, after the last micro-batch
-        with autocast():
-            out = model(x, output_router_logits=mcfg.is_moe)
-            ce = loss_fn(out.logits, y, mask)
-            # Scaled so that DDP/FSDP's average over processes gives sum(token losses) / targets in the global batch.
-            loss = ce * info.world_size / n_targets
-            if mcfg.is_moe and out.router_logits:
-                loss = loss + _moe_terms(config, out.router_logits, top_k) / len(micro)
-                c = moe.expert_counts(out.router_logits, top_k)
-                counts = c if counts is None else counts + c
-        loss.backward()
-        loss_sum += ce.detach()
-    return loss_sum, counts
+def _evaluate(
+    model: torch.nn.Module, held_out: Any, config: TrainConfig, info: mdist.DistInfo, autocast_, averages: WeightAverages | None
+) -> dict[str, float]:
+    """The held-out figures of the trained weights, and of each weight average next to them (eval_loss_ema, ...)."""
+    mb = config.train.micro_batch_size
+
+    def figures() -> dict[str, float]:
+        if config.data.mode == "dpo":
+            return evaluate_pairs(model, held_out, config.eval.max_sequences, mb, info, autocast_, config.dpo.beta)
+        return evaluate(model, held_out, config.eval.max_sequences, mb, info, autocast_)
+
+    values = figures()
+    for name in averages.names if averages is not None else []:
+        if averages.ready(name):
+            with averages.swapped_in(name):
+                values.update({f"{k}_{name}": v for k, v in figures().items()})
+    return values
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
-def _moe_terms(config: TrainConfig, router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
-    total = torch.zeros((), device=router_logits[0].device)
-    if config.moe.aux_loss_coef:
-        total = total + config.moe.aux_loss_coef * moe.load_balancing_loss(router_logits, top_k)
-    if config.moe.z_loss_coef:
-        total = total + config.moe.z_loss_coef * moe.z_loss(router_logits)
-    return total
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def _stop_for_preemption(
+    manager: CheckpointManager, state: TrainState, done: int, progress: dict[str, Any], preemption: Preemption, run: Run | None
+) -> None:
+    """Checkpoint step `done` (unless that step was just saved) and raise Preempted; every rank calls it."""
+    manager.close()  # an asynchronous write in flight finishes first; this last one is written synchronously
+    latest = manager.latest()
+    path = latest if latest is not None and latest == manager.step_dir(done) else manager.save(done, state, progress)
+    message = (
+        f"preempted by SIGTERM after step {done}: checkpoint {path.name} written {preemption.seconds():.1f} s after the "
+        "signal. Run the same command to resume"
+    )
+    if run is not None:
+        run.log_metrics({"event": "preempted", "step": done, "seconds": round(preemption.seconds(), 3)})
+        if report.active():
+            report.write_preempted(message)
+    raise Preempted(message)
 
 
 def _wrap(model: torch.nn.Module, how: str, info: mdist.DistInfo, find_unused: bool) -> torch.nn.Module:
+    if how == "diloco":  # each worker trains its own copy; mlc.distributed.diloco averages them every H steps
+        return model
     if how == "ddp" and info.distributed and find_unused:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -281,20 +305,29 @@ def _prepare_data(config: TrainConfig, init_dir: Path | None, vocab_size: int, r
     tokenizer = load_tokenizer(tok_dir)
     tok_hash = tokenizer_hash(tok_dir)
     files: dict[str, Any] = {}
+
+    def read(path: Path) -> Any:
+        if d.mode == "dpo":
+            return tokenize_pairs(path, tokenizer, tok_hash, vocab_size, d.seq_len)
+        return tokenize_file(path, d.mode, tokenizer, tok_hash, vocab_size)
+
     for turn in ("main", "rest"):
         if (turn == "main") == info.is_main:
-            files["train"] = tokenize_file(Path(d.train), d.mode, tokenizer, tok_hash, vocab_size)
-            files["eval"] = tokenize_file(Path(d.eval), d.mode, tokenizer, tok_hash, vocab_size) if d.eval else None
+            files["train"] = read(Path(d.train))
+            files["eval"] = read(Path(d.eval)) if d.eval else None
         mdist.barrier()
-    biggest = max(int(f.tokens.max()) for f in files.values() if f is not None)
+    biggest = max(int(f.tokens.max()) for f in files.values() if f is not None and len(f.tokens))
     if biggest >= vocab_size:
         raise InputError(f"the tokenizer in {tok_dir} makes token id {biggest}, beyond the model's vocab_size {vocab_size}", "use the model's own tokenizer (model.tokenizer)")
-    train = PackedSamples(files["train"], d.seq_len)
-    held_out = PackedSamples(files["eval"], d.seq_len) if files["eval"] is not None else None
+    if d.mode == "dpo":
+        train, held_out = files["train"], files["eval"]
+    else:
+        train = PackedSamples(files["train"], d.seq_len)
+        held_out = PackedSamples(files["eval"], d.seq_len) if files["eval"] is not None else None
     if held_out is None and d.val_fraction > 0:
         train, held_out = train.split(d.val_fraction)
     if len(train) == 0:
-        raise InputError(f"data.train: {d.train} has {len(files['train'])} tokens, too few for one sequence of data.seq_len={d.seq_len}", "lower data.seq_len or give more data")
+        raise InputError(f"data.train: {d.train} has {len(files['train'].tokens)} tokens, too few for one sequence of data.seq_len={d.seq_len}", "lower data.seq_len or give more data")
     if held_out is not None and len(held_out) == 0:
         held_out = None
     return Data(train, held_out, tok_dir)

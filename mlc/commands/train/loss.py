@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlc.commands.train.batches import PackedSamples, eval_shard
-from mlc.engine import dist as mdist
+from mlc.distributed import dist as mdist
 
 IGNORE = -100
 

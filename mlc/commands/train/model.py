@@ -26,7 +26,7 @@ def create_model(config: TrainConfig, init_dir: Path | None) -> CausalLM:
 
 
 def add_lora(model: CausalLM, lora: LoraSection) -> nn.Module:
-    """The model with LoRA adapters on the target modules; only the adapters are trainable."""
+    """The model with LoRA adapters on the target modules; only the adapters are trainable (on an NF4 base: QLoRA)."""
     from peft import LoraConfig, get_peft_model
 
     # No task_type: peft's causal-LM wrapper would call forward with transformers' keyword arguments.
@@ -36,9 +36,14 @@ def add_lora(model: CausalLM, lora: LoraSection) -> nn.Module:
     config = model.config
     del model.config
     try:
-        return get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config)
     finally:
         model.config = config
+    if lora.base == "nf4":  # after peft: it wraps nn.Linear targets, whose base layers are then quantised
+        from mlc.commands.train.qlora import quantize_base
+
+        quantize_base(blocks(peft_model))
+    return peft_model
 
 
 def causal_lm(model: nn.Module) -> CausalLM:

@@ -1,8 +1,9 @@
-"""One optimizer config, two recipes: AdamW everywhere, or Muon the Moonlight way (2502.16982).
+"""One optimizer config, three recipes: AdamW everywhere, Muon the Moonlight way (2502.16982), or GaLore (2403.03507).
 
 Muon takes the 2-D weight matrices inside the transformer blocks, with `adjust_lr_fn="match_rms_adamw"` (update RMS
 matched to AdamW's, 0.2*sqrt(max(A, B))) and decoupled weight decay, so AdamW's lr and weight decay carry over.
-Embeddings, the output head and every 1-D parameter (norms, biases) stay on AdamW.
+GaLore takes the same matrices (its reference projects only the blocks' linear layers) with AdamW's betas, eps and
+weight decay. Embeddings, the output head and every 1-D parameter (norms, biases) stay on AdamW.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
 
 
 def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Optimizer]:
-    """The optimizers for the trainable parameters: [AdamW] or [Muon, AdamW]. Each group's base lr is `initial_lr`."""
+    """The optimizers for the trainable parameters: [AdamW], [Muon, AdamW] or [GaLoreAdamW, AdamW]. Each group's base
+    lr is `initial_lr`."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     betas = (cfg.betas[0], cfg.betas[1])
     # One fused kernel per parameter group instead of a dozen foreach passes over memory (the same update, up to
@@ -42,7 +44,16 @@ def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Op
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
         rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
         optimizers = []
-        if hidden:
+        if hidden and cfg.name == "galore":
+            from mlc.commands.train.galore import GaLoreAdamW
+
+            optimizers.append(
+                GaLoreAdamW(
+                    hidden, lr=cfg.lr, rank=cfg.galore_rank, update_proj_gap=cfg.galore_update_proj_gap, scale=cfg.galore_scale,
+                    betas=betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                )
+            )
+        elif hidden:
             optimizers.append(
                 torch.optim.Muon(
                     hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,

@@ -9,15 +9,9 @@ reproducible and does not depend on the order in which tensors are processed.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-
-def keyed_generator(seed: int, *key: object) -> torch.Generator:
-    """A torch generator whose stream depends only on (seed, *key)."""
-    digest = hashlib.sha256(repr((seed, *key)).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+from mlc.rng import keyed_generator
 
 
 def dropped_neurons(intermediate: int, ratio: float, seed: int, layer: int, expert: int) -> torch.Tensor:

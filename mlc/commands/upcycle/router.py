@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from mlc.commands.upcycle.drop import keyed_generator
 from mlc.commands.upcycle.options import ROUTER_STD
 from mlc.commands.upcycle.prompts import ExpertPrompts
+from mlc.rng import keyed_generator
 
 
 def softmax_topk_scale(experts: int, top_k: int, granularity: int = 1) -> float:

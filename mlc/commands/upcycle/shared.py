@@ -1,6 +1,6 @@
 """--shared-merge: attention, norms, embeddings (and the shared expert) from a merge of the expert sources.
 
-The method is any `mlc.merge_methods.v1` plugin (see mlc/commands/merge/method.py for the protocol):
+The method is any `mlc.merge_methods.v1` plugin (mlc.contracts.MergeMethod):
 methods that take a base (task arithmetic, TIES, SLERP, ...) get the dense base as `base` and the
 sources as `models`; methods that treat a base as one more input (linear) merge the sources alone.
 """
@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 import torch
 
-from mlc.commands.upcycle.drop import keyed_generator
+from mlc.contracts import MergeMethod
+from mlc.rng import keyed_generator
 
 
 def parse_merge_params(items: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -30,9 +31,9 @@ def parse_merge_params(items: list[str]) -> tuple[dict[str, Any], list[str]]:
     return params, problems
 
 
-def merge_problems(method: Any, params: Mapping[str, Any], sources: int) -> list[str]:
+def merge_problems(method: MergeMethod, params: Mapping[str, Any], sources: int) -> list[str]:
     """Why this method cannot merge `sources` models with these parameters (empty when it can)."""
-    has_base = getattr(method, "base", "required") == "required"
+    has_base = method.base == "required"  # the dense base is passed as `base` to methods that take one
     problems = []
     if (why := method.count_problem(sources, has_base)) is not None:
         problems.append(f"--shared-merge: {why}")
@@ -44,7 +45,7 @@ def merge_problems(method: Any, params: Mapping[str, Any], sources: int) -> list
 
 
 def merge_shared_tensor(
-    method: Any, params: Mapping[str, Any], seed: int, name: str, base: torch.Tensor | None, sources: list[torch.Tensor]
+    method: MergeMethod, params: Mapping[str, Any], seed: int, name: str, base: torch.Tensor | None, sources: list[torch.Tensor]
 ) -> torch.Tensor:
     """One shared tensor merged from the sources; `base` is passed to methods that take one (else None)."""
     rng = keyed_generator(seed, "shared-merge", name) if method.random else None

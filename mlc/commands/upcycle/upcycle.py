@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from mlc.commands.upcycle.drop import drop_upcycle, dropped_neurons, keyed_generator
+from mlc.commands.upcycle.drop import drop_upcycle, dropped_neurons
 from mlc.commands.upcycle.layout import OutTensor
 from mlc.commands.upcycle.options import UpcycleOptions
 from mlc.commands.upcycle.router import cheap_embed_routers, hidden_routers, random_router, softmax_topk_scale
 from mlc.commands.upcycle.validate import UpcyclePlan, validate
+from mlc.rng import keyed_generator
 
 BASE, MERGED = 0, -1  # reader keys: 0 the base, i + 1 the i-th expert source, -1 the merge of base and sources
 

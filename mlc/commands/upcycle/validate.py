@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from mlc.commands.upcycle.layout import DENSE_MLP, OutTensor, moe_config, plan_tensors
 from mlc.commands.upcycle.options import PROMPT_ROUTERS, ROUTERS, ROUTINGS, UpcycleOptions
 from mlc.commands.upcycle.prompts import ExpertPrompts, read_expert_prompts
+from mlc.contracts import MergeMethod
 from mlc.errors import MlcError, ValidationError
 
 DENSE_FAMILIES = ("llama", "mistral", "qwen2")
@@ -31,7 +32,7 @@ class UpcyclePlan:
     tensors: list[OutTensor]
     dtype: torch.dtype
     prompts: list[ExpertPrompts] = field(default_factory=list)
-    merge_method: Callable[..., torch.Tensor] | None = None
+    merge_method: MergeMethod | None = None
     merge_params: dict[str, Any] = field(default_factory=dict)
     source_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
@@ -182,7 +183,7 @@ def _vocabulary(path: Path) -> Any:
     return data.get("model", {}).get("vocab"), added
 
 
-def _check_merge(opts: UpcycleOptions, problems: list[str]) -> tuple[Callable[..., torch.Tensor] | None, dict[str, Any]]:
+def _check_merge(opts: UpcycleOptions, problems: list[str]) -> tuple[MergeMethod | None, dict[str, Any]]:
     from mlc.commands.upcycle.shared import merge_problems, parse_merge_params
 
     params, found = parse_merge_params(opts.merge_params)
@@ -197,11 +198,11 @@ def _check_merge(opts: UpcycleOptions, problems: list[str]) -> tuple[Callable[..
     from mlc import plugins
 
     try:
-        method = plugins.load_one("merge_methods", opts.shared_merge)
+        method: MergeMethod = plugins.load_one("merge_methods", opts.shared_merge)  # type-checked at load
     except MlcError as e:
         problems.append(f"--shared-merge: {e.one_line()}")
         return None, {}
-    weight = method.param("weight") if hasattr(method, "param") else None
+    weight = method.param("weight")
     if weight is not None and weight.required and "weight" not in params:
         params["weight"] = 1.0 / len(opts.expert_sources)  # default: the sources count equally
     problems += merge_problems(method, params, len(opts.expert_sources))

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from mlc.commands.merge.method import Param, merge_method
+from mlc.contracts import Param, merge_method
 
 
 @merge_method(

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from mlc.commands.merge.method import Param, in_range, merge_method
+from mlc.contracts import Param, in_range, merge_method
 
 CHUNK = 1 << 20  # float32 scratch per pass; the same chunking as mergekit, so float32 results agree exactly
 

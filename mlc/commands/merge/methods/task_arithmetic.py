@@ -13,12 +13,13 @@ by its keep probability instead, which is the DARE and DELLA papers' 1/(1-p) res
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import torch
 
-from mlc.commands.merge import sparsify
-from mlc.commands.merge.method import MergeMethod, Param, in_range, merge_method
+from mlc.commands.merge import native, sparsify
+from mlc.contracts import MergeMethod, Param, in_range, merge_method
 
 CHUNK = 1 << 16  # elements per pass of the combine step: temporaries stay in cache (and off mmap)
 
@@ -51,16 +52,16 @@ def task_vectors(
         density = params["density"][i]
         if how is not None and density < 1:
             rescale, mode = params["rescale"], params["rescale_mode"]
-            before = float(d.abs().sum(dtype=torch.float64)) if rescale and mode == "l1" else 0.0
+            before = sparsify.l1_norm(d) if rescale and mode == "l1" else None
             if how == "magnitude":
-                sparsify.magnitude_(d, density, params["tie_order"])
+                sparsify.magnitude_(d, density)
             elif how == "random":
                 sparsify.bernoulli_keep_(d, density, rng)
             elif how == "outliers":
-                sparsify.magnitude_outliers_(d, density, params["gamma"][i], params["tie_order"])
+                sparsify.magnitude_outliers_(d, density, params["gamma"][i])
             else:
                 sparsify.della_keep_(d, density, params["epsilon"][i], rng, divide_by_prob=rescale and mode == "inverse_keep")
-            if rescale and mode == "l1":
+            if before is not None:
                 sparsify.rescale_l1_(d, before)
             elif rescale and how != "della":
                 d.div_(density)
@@ -73,63 +74,74 @@ def task_vectors(
 def combine_(deltas: list[torch.Tensor], base: torch.Tensor, params: dict[str, Any], consensus: bool) -> torch.Tensor:
     """base + lambda * (sum of agreeing weighted deltas) / (sum of their weights), written into base.
 
-    Sums accumulate in float32 and round once to the compute dtype, as torch's sum over a stacked
-    tensor does, so results match mergekit's bit for bit in float32 and, outside ties in the
-    sparsification, in bfloat16. The work goes in cache-sized chunks, overwriting the deltas.
+    Every intermediate is rounded where mergekit's tensor operations round it (sums over the models
+    accumulate in float32 and round once to the compute dtype), so results match its bit for bit.
+    bfloat16 and float32 run in one pass of sortselect.c's combine; other dtypes (and the rest of a
+    tensor after a NaN) in cache-sized chunks of torch operations, overwriting the deltas.
     """
     dtype = base.dtype
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    weights = torch.tensor(params["weight"], dtype=dtype).tolist()  # rounded to the compute dtype, like mergekit's
-    divisor = sum(torch.tensor(weights, dtype=acc).tolist()) if not consensus else None
-    if divisor is not None:
-        divisor = float(torch.tensor(divisor, dtype=acc).to(dtype)) if abs(divisor) >= 1e-8 else 1.0
+    weights_t = torch.tensor(params["weight"], dtype=dtype)  # rounded to the compute dtype, like mergekit's
+    weights = weights_t.tolist()
+    divisor = 1.0
+    if not consensus:
+        total = float(weights_t.view(-1, 1).sum(dim=0))
+        divisor = total if abs(total) >= 1e-8 else 1.0
     out = base.view(-1)
     flats = [d.view(-1) for d in deltas]
-    for start in range(0, out.numel(), CHUNK):
-        # Widened once per chunk (exact): the sign, clamp and sums below then run as float32 vector ops,
-        # several times faster than bf16 element-wise ops on CPU, with the same results.
-        parts = [f[start : start + CHUNK].to(acc) for f in flats]
-        mixed = parts[0].clone()
-        for p in parts[1:]:
-            mixed += p
-        if consensus:
-            # The elected sign is that of the weighted sum; an entry agrees when p * sign > 0. Summing
-            # the agreeing magnitudes and then applying the sign gives exactly the sum of the entries.
-            sign = torch.where(mixed >= 0, 1.0, -1.0).to(acc)
-            mixed.zero_()
-            total = torch.zeros_like(mixed)
-            for p, w in zip(parts, weights):
-                p.mul_(sign).clamp_min_(0)
-                mixed += p
-                total.add_(p > 0, alpha=w)
-            mixed *= sign
-            chunk_divisor = total.to(dtype)
-            chunk_divisor.masked_fill_(chunk_divisor == 0, 1)
-        else:
-            chunk_divisor = divisor
-        merged = mixed.to(dtype)
-        if params["normalize"]:
-            merged /= chunk_divisor
-        if params["lambda"] != 1:
-            merged *= params["lambda"]
-        out[start : start + CHUNK] += merged
+    done = 0
+    lib = native.library()
+    if lib is not None and dtype in _NATIVE and len(flats) <= 64 and out.is_contiguous() and all(f.is_contiguous() for f in flats):
+        pointers = (ctypes.c_void_p * len(flats))(*[f.data_ptr() for f in flats])
+        rounded = (ctypes.c_float * len(weights))(*weights)
+        lam = params["lambda"]
+        done = lib.mlc_combine(
+            _NATIVE[dtype], pointers, len(flats), rounded, out.data_ptr(), out.data_ptr(), out.numel(),
+            int(consensus), int(params["normalize"]), divisor, int(lam != 1), lam,
+        )
+    for start in range(done, out.numel(), CHUNK):
+        _combine_chunk(out[start : start + CHUNK], [f[start : start + CHUNK] for f in flats], weights, divisor, params, consensus)
     return base
+
+
+_NATIVE = {torch.float32: 0, torch.bfloat16: 1}
+
+
+def _combine_chunk(out: torch.Tensor, parts: list[torch.Tensor], weights: list[float], divisor: float, params: dict[str, Any], consensus: bool) -> None:
+    """combine_ on one chunk with torch operations (out += the merged chunk)."""
+    dtype = out.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # Widened once (exact): the sums below run as float32 vector ops, from +0 in model order as torch's sum does.
+    parts = [p.to(acc) for p in parts]
+    mixed = torch.zeros_like(parts[0])
+    for p in parts:
+        mixed += p
+    if consensus:
+        # The elected sign is that of the weighted sum rounded to the compute dtype; an entry agrees when
+        # p * sign > 0. Summing the agreeing magnitudes and then applying the sign gives their exact sum.
+        sign = torch.where(mixed.to(dtype) >= 0, 1.0, -1.0).to(acc)
+        mixed.zero_()
+        total = torch.zeros_like(mixed)
+        for p, w in zip(parts, weights):
+            p.mul_(sign).clamp_min_(0)
+            mixed += p
+            total.add_(p > 0, alpha=w)
+        mixed = mixed * sign + 0.0  # + 0: an element with no agreeing entry sums to +0, as a sum from +0 does
+        chunk_divisor: Any = total.to(dtype)
+        chunk_divisor.masked_fill_(chunk_divisor == 0, 1)
+    else:
+        chunk_divisor = divisor
+    merged = mixed.to(dtype)
+    if params["normalize"]:
+        merged /= chunk_divisor
+    if params["lambda"] != 1:
+        merged *= params["lambda"]
+    out += merged
 
 
 def _family(name: str, how: str | None, consensus: bool, normalize: bool, rescale: bool, doc: str) -> MergeMethod:
     extra: tuple[Param, ...] = ()
-    if how in ("magnitude", "outliers"):
-        extra = (
-            Param(
-                "tie_order",
-                str,
-                "index",
-                choices=("index", "argsort"),
-                help="equal magnitudes at the threshold: keep lower indices (fast), or torch.argsort's order (mergekit's exact picks, a full sort)",
-            ),
-        )
     if how == "outliers":
-        extra += (Param("gamma", float, 0.01, per_model=True, check=in_range(0, 1, high_open=True), help="fraction of largest entries dropped"),)
+        extra = (Param("gamma", float, 0.01, per_model=True, check=in_range(0, 1, high_open=True), help="fraction of largest entries dropped"),)
     if how == "della":
         extra = (Param("epsilon", float, 0.15, per_model=True, check=in_range(0, 1, high_open=True), help="spread of keep probabilities around density"),)
 

@@ -1,0 +1,128 @@
+"""Speculative decoding (n-gram prompt lookup) in `mlc serve`, measured with `mlc bench serve`: with and without drafts.
+
+    .venv/bin/python benchmarks/serve_speculative.py [--rounds 2] [--num-prompts 4] [--spec 5] [--dtype bfloat16]
+
+Two tasks on SmolLM2-135M-Instruct, one request at a time (batch-1 decode, where drafts pay most):
+  copy  a copy-heavy task: chat requests "Copy the following text exactly" over paragraphs of mlc's bundled
+        eval corpus (mlc/data/corpus/eval.txt), greedy, --output-len tokens (128);
+  chat  mlc's bundled chat corpus (`mlc bench serve --dataset chat`), greedy, --output-len tokens.
+Each round starts `mlc serve` without and with `--num-speculative-tokens`, in alternating order (the machine's
+speed drifts), runs `mlc bench serve --base-url ...` against it, and reads the acceptance rate from the server's
+/metrics (vllm:spec_decode_num_accepted_tokens_total / vllm:spec_decode_num_draft_tokens_total). Reported: the
+median output tokens/s (prefill included) and TPOT of each, their ratio and the acceptance rate. (That greedy
+output is identical with and without drafts is a test: tests/serve/test_speculative.py.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from http.client import HTTPConnection
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import smollm2_hf_dir  # noqa: E402
+
+
+def copy_dataset(path: Path, count: int) -> None:
+    paragraphs = [p.strip() for p in (REPO / "mlc/data/corpus/eval.txt").read_text().split("\n\n") if len(p.strip()) > 400]
+    with path.open("w") as f:
+        for p in paragraphs[:count]:
+            f.write(json.dumps({"prompt": f"Copy the following text exactly, word for word:\n\n{p[:700]}"}) + "\n")
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    conn = HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    return r.status, r.read()
+
+
+def counters(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(get(port, "/metrics")[1].decode()):
+        for s in family.samples:
+            out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def measure(model: Path, spec: int, task: str, dataset: Path, args: argparse.Namespace, work: Path) -> dict:
+    port = 20000 + os.getpid() % 1000
+    cmd = [sys.executable, "-m", "mlc", "serve", str(model), "--port", str(port), "--dtype", args.dtype, "--kv-cache-memory", "256MiB",
+           "--max-model-len", "2048", "--num-speculative-tokens", str(spec)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "MLC_RUNS_DIR": str(work / "runs")}
+    server = subprocess.Popen(cmd, stdout=open(work / f"server-{task}-{spec}.log", "w"), stderr=subprocess.STDOUT, env=env)
+    try:
+        while True:
+            try:
+                if get(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None:
+                sys.exit(f"mlc serve exited with {server.returncode}")
+            time.sleep(0.3)
+        result = work / f"result-{task}-{spec}.json"
+        data = ["--dataset", "jsonl", "--dataset-path", str(dataset), "--no-shuffle"] if task == "copy" else ["--dataset", "chat"]
+        bench = [sys.executable, "-m", "mlc", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "chat", *data,
+                 "--num-prompts", str(args.num_prompts), "--max-concurrency", "1", "--output-len", str(args.output_len), "--temperature", "0",
+                 "--tokenizer", str(model), "--save-result", str(result), "--seed", "0"]
+        subprocess.run(bench, check=True, env=env, stdout=subprocess.DEVNULL)
+        m = counters(port)
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    out = json.loads(result.read_text())
+    drafted = m.get("vllm:spec_decode_num_draft_tokens_total", 0.0)
+    return {
+        "output_throughput": out["output_throughput"], "mean_tpot_ms": out["mean_tpot_ms"],
+        "acceptance": m.get("vllm:spec_decode_num_accepted_tokens_total", 0.0) / drafted if drafted else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--num-prompts", type=int, default=4)
+    ap.add_argument("--spec", type=int, default=5, help="--num-speculative-tokens of the speculative runs.")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--tasks", default="copy,chat")
+    ap.add_argument("--threads", type=int, default=None, help="mlc serve --threads (1 on a machine other jobs oversubscribe).")
+    args = ap.parse_args()
+    model = smollm2_hf_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        dataset = work / "copy.jsonl"
+        copy_dataset(dataset, args.num_prompts)
+        for task in args.tasks.split(","):
+            runs: dict[int, list[dict]] = {0: [], args.spec: []}
+            for r in range(args.rounds):
+                for spec in ((0, args.spec) if r % 2 == 0 else (args.spec, 0)):
+                    runs[spec].append(measure(model, spec, task, dataset, args, work))
+                    x = runs[spec][-1]
+                    print(f"{task} round {r} spec {spec}: {x['output_throughput']:.1f} tok/s, TPOT {x['mean_tpot_ms']:.1f} ms, "
+                          f"acceptance {x['acceptance']}", flush=True)
+            base = statistics.median(x["output_throughput"] for x in runs[0])
+            fast = statistics.median(x["output_throughput"] for x in runs[args.spec])
+            acc = [x["acceptance"] for x in runs[args.spec] if x["acceptance"] is not None]
+            print(json.dumps({"task": task, "tokens_per_s_without": base, "tokens_per_s_with": fast, "speedup": fast / base,
+                              "tpot_ms_without": statistics.median(x["mean_tpot_ms"] for x in runs[0]),
+                              "tpot_ms_with": statistics.median(x["mean_tpot_ms"] for x in runs[args.spec]),
+                              "acceptance_rate": statistics.median(acc) if acc else None}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

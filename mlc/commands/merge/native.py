@@ -1,0 +1,82 @@
+"""sortselect.c (TIES' selection and combine), compiled on first use with the system C compiler and loaded with ctypes.
+
+It is plain portable C (no -march), built once into the mlc cache under a name keyed by its source,
+the flags and the compiler, so a shared cache never loads a stale build. Without a compiler (or with
+MLC_NATIVE_KERNELS=0) `library()` is None and callers sort with torch: the same picks, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("sortselect.c")
+FLAGS = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]  # no traps assumed: lets the loops vectorise, results unchanged (torch builds so too)
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            raise RuntimeError(f"{compiler} failed: {last}")
+        os.replace(out, target)  # atomic: a concurrent process sees no library or the whole one
+
+
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("MLC_NATIVE_KERNELS", "1") == "0":
+        _state["reason"] = "disabled by MLC_NATIVE_KERNELS=0"
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        _state["reason"] = "no C compiler (cc or gcc) on PATH"
+        return None
+    from mlc.paths import cache_dir
+
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"sortselect-{key}.so"
+    try:
+        if not target.is_file():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))  # a CDLL call releases the GIL: merge workers select in parallel
+    except (OSError, RuntimeError) as e:
+        _state["reason"] = f"could not build {SOURCE.name}: {e}"
+        log.warning("merge selection kernel unavailable, sorting with torch: %s", _state["reason"])
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.mlc_sort_select.argtypes = [p, ctypes.c_int, p, p, i64, i64, i64, ctypes.c_int, p]
+    lib.mlc_sort_select.restype = ctypes.c_int
+    lib.mlc_apply_keep.argtypes = [p, ctypes.c_int, p, i64]
+    lib.mlc_apply_keep.restype = None
+    lib.mlc_combine.argtypes = [ctypes.c_int, p, ctypes.c_int, p, p, p, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float]
+    lib.mlc_combine.restype = i64
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (the reason is in `unavailable_reason()`)."""
+    if "lib" not in _state:
+        with _lock:
+            if "lib" not in _state:
+                _state["lib"] = _load()
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def unavailable_reason() -> str | None:
+    library()
+    return _state.get("reason")  # type: ignore[return-value]
