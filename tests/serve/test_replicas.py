@@ -58,6 +58,10 @@ def run_record(server):
     return json.loads(path.read_text())
 
 
+def replica_pids(server):
+    return {r["replica"]: r["pid"] for r in run_record(server)["summary"]["replicas"]}
+
+
 def strip(body):
     """A response without what differs between any two calls (ids, timestamps) or servers (cached_tokens: what each
     server's prefix cache holds depends on the requests other tests sent it before)."""
@@ -138,17 +142,19 @@ def test_a_replica_killed_under_load_fails_its_requests_cleanly_and_the_service_
             failed = status != 200
         return status, failed, time.monotonic() - start
 
+    # Each replica's pid is read before the load starts, so the kill follows the moment a replica is seen busy (reading
+    # the run record under load took long enough, once, for the busy replica to finish everything it held). 24 requests
+    # over 12 clients keep both replicas busy for two rounds.
+    deadline = time.monotonic() + 120
+    while set(replica_metric(replicas, "vllm:num_requests_running")) - set(pids := replica_pids(replicas)):
+        assert time.monotonic() < deadline, "a running replica never appeared in the run record"
+        time.sleep(0.2)  # the record lists a replica once the deployment has written its first sighting
     with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(one, i) for i in range(12)]
-        deadline = time.monotonic() + 120
+        futures = [pool.submit(one, i) for i in range(24)]
         while not (busy := [r for r, n in replica_metric(replicas, "vllm:num_requests_running").items() if n > 0]):
             assert time.monotonic() < deadline
-            time.sleep(0.1)
-        while not (victim := [r for r in run_record(replicas)["summary"]["replicas"] if r["replica"] == busy[0]]):
-            assert time.monotonic() < deadline, f"replica {busy[0]} never appeared in the run record"
-            time.sleep(0.2)  # the record lists a replica once the deployment has written its first sighting
-        victim = victim[0]
-        os.kill(victim["pid"], signal.SIGKILL)
+            time.sleep(0.05)
+        os.kill(pids[busy[0]], signal.SIGKILL)
         results = [f.result(timeout=LOADED + 60) for f in futures]  # none hangs: a hang would time out here
     failed = [r for r in results if r[1]]
     assert failed, "the killed replica had requests in flight, which must end with an error"
