@@ -44,7 +44,27 @@ class Linear(nn.Linear):
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], y.shape[0])
+        if x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and _without_autograd(x, self.weight):
+            return _row_bucketed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+# Rows of a half-precision CPU product are padded up to a multiple of this. oneDNN, torch's bf16 CPU GEMM, builds and
+# keeps a kernel for every distinct row count it sees: a server whose steps hold every number of tokens from 1 to 512
+# grew by 350 MB on one 1536x576 weight (27 MB padded), and a new row count costs 0.65 ms of JIT (1.65 against
+# 1.00 ms per product). Padding keeps 32 shapes up to 512 rows; the extra rows cost nothing measurable (1.14 ms
+# padded against 1.18 ms unpadded once cached). Rows are independent, so the kept rows are the unpadded product's.
+ROW_BUCKET = 16
+
+
+def _row_bucketed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
+    pad = -rows % ROW_BUCKET
+    if not pad or torch.compiler.is_compiling():  # a compiled graph has its own shapes
+        return F.linear(x, weight, bias)
+    flat = x.reshape(rows, x.shape[-1])
+    padded = torch.cat([flat, flat.new_zeros(pad, flat.shape[1])])
+    return F.linear(padded, weight, bias)[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
 def stacked_linear(*parts: nn.Module) -> nn.Module | None:

@@ -54,11 +54,14 @@ def test_a_directory_saved_by_mlc_loads_in_transformers_with_identical_logits(ar
     out = save_model(model, tmp_path / "saved")
     ids = _ids()
     with torch.no_grad():
-        expected = model(ids).logits
         reloaded = _hf(out)
         assert type(reloaded).__name__ == model.config.architecture
         got = reloaded(ids).logits
-    assert torch.equal(got, expected)
+        # Saving loses nothing: transformers computes the same bits from mlc's directory as from the original. (mlc's
+        # own logits differ from transformers' by float rounding only, 1e-4 at most: test_logits_match_transformers;
+        # bit equality of those two holds on some CPUs and not others, e.g. Mixtral's experts on an AMD EPYC.)
+        assert torch.equal(got, _hf(path)(ids).logits)
+        assert (got - model(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_state_dict_keys_are_the_checkpoint_tensor_names(tiny_hf_model):
