@@ -14,10 +14,15 @@ app = new_app("Serve a model over an OpenAI-compatible HTTP API (continuous batc
 @app.command()
 def serve(
     ctx: typer.Context,
-    model: str = typer.Argument(..., help="Model directory or run reference (run:<id>, latest:quantize)."),
+    models: List[str] = typer.Argument(
+        ..., metavar="MODEL...", help="Model directory, run reference (run:<id>, latest:quantize) or Hub id; several: one server "
+        "routes each request by its model (the first loads at start, the others on their first request).",
+    ),
     host: str = typer.Option("127.0.0.1", help="Address to bind; 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, help="TCP port."),
-    served_model_name: str = typer.Option(None, help="The model id clients send (default: the directory name)."),
+    served_model_name: Optional[List[str]] = typer.Option(
+        None, help="The model id clients send (default: the directory name); with several models, once per model, in their order.",
+    ),
     dtype: str = typer.Option("auto", help="auto (as stored), float32 or bfloat16."),
     kv_cache_memory: str = typer.Option("0.1", help="KV-cache size: bytes with a unit (2GiB) or a fraction of available RAM (0.1)."),
     block_size: int = typer.Option(16, min=1, help="Tokens per KV-cache block."),
@@ -29,6 +34,10 @@ def serve(
     prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching", help="Reuse KV blocks of shared prompt prefixes."),
     grace_period: float = typer.Option(
         30.0, min=0, help="On SIGTERM, seconds in-flight requests may run on (new ones get 503) before the rest are aborted."
+    ),
+    max_memory: str = typer.Option(
+        None, help="Bytes (8GiB) or a fraction of free RAM for the weights plus KV caches of the models in memory at once; with "
+        "several models the least recently used idle one is unloaded to make room (default: no limit).",
     ),
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
     compile: bool = typer.Option(
@@ -53,11 +62,18 @@ def serve(
     target_ongoing_requests: float = typer.Option(16.0, min=0.1, help="Autoscaling: requests in flight per replica to aim for."),
     ray_address: str = typer.Option("local", help="With replicas: the Ray cluster to join (auto, HOST:PORT, ray://...); local starts one."),
 ) -> None:
-    """Serve MODEL at http://HOST:PORT/v1 until SIGTERM or Ctrl-C."""
+    """Serve MODEL (or several: mlc serve A B ...) at http://HOST:PORT/v1 until SIGTERM or Ctrl-C."""
     # OMP_WAIT_POLICY is left to the user: PASSIVE makes every matmul wake sleeping workers (a decode
     # step took 67 ms instead of 38 ms here). The engine runs torch in one thread only (see Engine.run).
     from mlc.errors import MlcUsageError
 
+    names = list(served_model_name or [])
+    if len(names) > 1 and len(names) != len(models):
+        raise MlcUsageError(f"{len(models)} model(s) and {len(names)} --served-model-name",
+                            "give --served-model-name once per model, in the order of the models, or not at all")
+    if len(models) > 1 and len(names) == 1:
+        raise MlcUsageError(f"{len(models)} models and one --served-model-name: which model it names is ambiguous",
+                            "give --served-model-name once per model, in the order of the models, or not at all")
     given = [n for n in ("replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "ray_address")
              if ctx.get_parameter_source(n).name != "DEFAULT"]
     if given and engine == "vllm":
@@ -73,10 +89,22 @@ def serve(
                             """with --engine vllm, pass --vllm-arg=--speculative-config --vllm-arg '{"method": "ngram", "num_speculative_tokens": N}'""")
     if given and (lora or allow_runtime_lora):
         raise MlcUsageError("LoRA adapters are not served by replicas yet", "serve them from one server (leave out --replicas), or fold them (mlc merge lora)")
+    if len(models) > 1:
+        if engine == "vllm":
+            raise MlcUsageError("--engine vllm serves one model", "run one `mlc serve MODEL --engine vllm` per model, or leave out --engine")
+        if given:
+            raise MlcUsageError("replicas serve one model", "serve several models from one server (leave out --replicas/--min-replicas), "
+                                "or one deployment per model")
+        if lora or allow_runtime_lora:
+            raise MlcUsageError("--lora with several models: which model an adapter attaches to would be ambiguous",
+                                "serve adapters from a server with one base model")
+    if max_memory is not None and (engine == "vllm" or given):
+        raise MlcUsageError("--max-memory is for mlc's engine in one server", "leave it out with --engine vllm or replicas")
     if engine == "vllm":
         from mlc.commands.serve.vllm import options_from_cli, serve_vllm
 
-        serve_vllm(model, options_from_cli(ctx.params, lambda name: ctx.get_parameter_source(name).name != "DEFAULT"))
+        params = {**ctx.params, "served_model_name": names[0] if names else None}
+        serve_vllm(models[0], options_from_cli(params, lambda name: ctx.get_parameter_source(name).name != "DEFAULT"))
         return
     if engine != "mlc" or vllm_arg:
         if engine != "mlc":
@@ -87,9 +115,9 @@ def serve(
     from mlc.commands.serve.server import serve as run_server
 
     cfg = ServeConfig(
-        model, host, port, served_model_name, dtype, kv_cache_memory, block_size, max_batched_tokens, max_running,
+        models[0], host, port, names[0] if names else None, dtype, kv_cache_memory, block_size, max_batched_tokens, max_running,
         max_model_len, max_queue, api_key, prefix_caching, grace_period, threads, compile, list(lora or []), allow_runtime_lora,
-        num_speculative_tokens=num_speculative_tokens,
+        num_speculative_tokens=num_speculative_tokens, more_models=models[1:], more_served_names=names[1:], max_memory=max_memory,
     )
     if (span := check_plan(replicas, min_replicas, max_replicas)) is not None:
         from mlc.commands.serve.replicas import ReplicaPlan, serve_replicas

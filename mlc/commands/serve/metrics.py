@@ -43,23 +43,23 @@ def buckets_1_2_5(limit: int) -> list[int]:
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class ServeMetrics:
-    def __init__(self, model_name: str, max_model_len: int = 2048):
-        self.registry = CollectorRegistry()
-        self.labels = {"model_name": model_name, "engine": "0"}
-        values = tuple(self.labels.values())
-        reg = self.registry
+class MetricFamilies:
+    """The metric families of one /metrics registry; each served model adds its own label set (model_name).
 
-        def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, LABELS, registry=reg).labels(*values)
+    One server with several models (`mlc serve A B`) shares one: Prometheus' text format allows each
+    family once, so the models' series are samples of the same families, told apart by model_name.
+    """
+
+    def __init__(self, max_model_len: int = 2048):
+        self.registry = reg = CollectorRegistry()
+        self.members: list[ServeMetrics] = []
 
         def histogram(name: str, doc: str, buckets: list[float]) -> Any:
-            return Histogram(name, doc, LABELS, buckets=buckets, registry=reg).labels(*values)
+            return Histogram(name, doc, LABELS, buckets=buckets, registry=reg)
 
-        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
-        success = Counter("vllm:request_success", "Count of successfully processed requests.", [*LABELS, "finished_reason"], registry=reg)
-        self._success = {r: success.labels(*values, r) for r in FINISH_REASONS}
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", LABELS, registry=reg)
+        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.", LABELS, registry=reg)
+        self.success = Counter("vllm:request_success", "Count of successfully processed requests.", [*LABELS, "finished_reason"], registry=reg)
         self.ttft = histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", TTFT_BUCKETS)
         self.itl = histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", ITL_BUCKETS)
         self.tpot = histogram("vllm:time_per_output_token_seconds",
@@ -77,10 +77,30 @@ class ServeMetrics:
                                             "Histogram of maximum number of requested generation tokens.", lengths)
         self.params_n = histogram("vllm:request_params_n", "Histogram of the n request parameter.", [1, 2, 5, 10, 20])
         # Speculative decoding (n-gram prompt lookup), with vLLM's names: acceptance rate = accepted / draft tokens.
-        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.")
-        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.")
-        self.spec_accepted_tokens = counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.")
+        self.spec_drafts = Counter("vllm:spec_decode_num_drafts", "Number of spec decoding drafts.", LABELS, registry=reg)
+        self.spec_draft_tokens = Counter("vllm:spec_decode_num_draft_tokens", "Number of draft tokens.", LABELS, registry=reg)
+        self.spec_accepted_tokens = Counter("vllm:spec_decode_num_accepted_tokens", "Number of accepted tokens.", LABELS, registry=reg)
         self.iteration_tokens = histogram("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", ITERATION_BUCKETS)
+        reg.register(_EngineCollector(self))
+
+
+class ServeMetrics:
+    """One served model's series (label model_name), in its own registry or in one shared with other models."""
+
+    def __init__(self, model_name: str, max_model_len: int = 2048, families: MetricFamilies | None = None):
+        self.families = f = families or MetricFamilies(max_model_len)
+        self.registry = f.registry
+        self.labels = {"model_name": model_name, "engine": "0"}
+        values = tuple(self.labels.values())
+        self.engine: Any = None  # the engine whose state is read on every scrape (bind_engine)
+        self.bound = False  # an engine was bound once: its counters are reported from then on
+        self.carried = {"queries": 0.0, "hits": 0.0, "preemptions": 0.0}  # the counters of engines unbound (unloaded) before
+        f.members.append(self)
+        for name in ("prompt_tokens", "generation_tokens", "ttft", "itl", "tpot", "e2e", "queue", "inference", "prefill", "decode",
+                     "prompt_len", "generation_len", "max_tokens", "max_generation_len", "params_n", "spec_drafts", "spec_draft_tokens",
+                     "spec_accepted_tokens", "iteration_tokens"):
+            setattr(self, name, getattr(f, name).labels(*values))
+        self._success = {r: f.success.labels(*values, r) for r in FINISH_REASONS}
 
     def finished(self, reason: str, prompt_tokens: int = 0, output_tokens: int = 0, arrival: float | None = None,
                  scheduled: float | None = None, first_token: float | None = None, now: float | None = None) -> None:
@@ -99,7 +119,16 @@ class ServeMetrics:
 
     def bind_engine(self, engine: Any) -> None:
         """Report the engine's state on every scrape."""
-        self.registry.register(_EngineCollector(engine, self.labels))
+        self.engine, self.bound = engine, True
+
+    def unbind_engine(self) -> None:
+        """Stop reading the engine (it is being unloaded); its counters carry on into the next engine bound."""
+        e = self.engine
+        if e is not None:
+            self.carried["queries"] += e.pool.prefix_queries
+            self.carried["hits"] += e.pool.prefix_hits
+            self.carried["preemptions"] += e.scheduler.num_preemptions
+        self.engine = None
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -131,33 +160,42 @@ class ServeMetrics:
 
 
 class _EngineCollector:
-    def __init__(self, engine: Any, labels: dict[str, str]):
-        self.engine, self.values = engine, list(labels.values())
+    """The bound engines' state, read at each scrape: one family per series, one sample per served model."""
+
+    def __init__(self, families: MetricFamilies):
+        self.families = families
 
     def collect(self) -> Iterator[Metric]:
-        e, pool, values = self.engine, self.engine.pool, self.values
+        live = [m for m in self.families.members if m.engine is not None]
         for name, doc, read in (
-            ("vllm:num_requests_running", "Number of requests in model execution batches.", lambda: e.num_running),
-            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", lambda: e.num_waiting),
-            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lambda: pool.usage),
+            ("vllm:num_requests_running", "Number of requests in model execution batches.", lambda e: e.num_running),
+            ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", lambda e: e.num_waiting),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lambda e: e.pool.usage),
             ("vllm:gpu_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage. DEPRECATED: Use vllm:kv_cache_usage_perc instead.",
-             lambda: pool.usage),
-            ("mlc:kv_cache_free_blocks", "KV-cache blocks free (cached prefixes included).", lambda: pool.num_free),
-            ("mlc:kv_cache_total_blocks", "KV-cache blocks in the pool.", lambda: pool.num_blocks),
+             lambda e: e.pool.usage),
+            ("mlc:kv_cache_free_blocks", "KV-cache blocks free (cached prefixes included).", lambda e: e.pool.num_free),
+            ("mlc:kv_cache_total_blocks", "KV-cache blocks in the pool.", lambda e: e.pool.num_blocks),
         ):
-            g = GaugeMetricFamily(name, doc, labels=LABELS)
-            g.add_metric(values, read())
+            if live:
+                g = GaugeMetricFamily(name, doc, labels=LABELS)
+                for m in live:
+                    g.add_metric(list(m.labels.values()), read(m.engine))
+                yield g
+        bound = [m for m in self.families.members if m.bound]
+        for name, doc, key, read in (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", "queries", lambda e: e.pool.prefix_queries),
+            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "hits", lambda e: e.pool.prefix_hits),
+            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", "preemptions", lambda e: e.scheduler.num_preemptions),
+        ):
+            if bound:
+                c = CounterMetricFamily(name, doc, labels=LABELS)
+                for m in bound:
+                    c.add_metric(list(m.labels.values()), m.carried[key] + (read(m.engine) if m.engine is not None else 0))
+                yield c
+        if live:
+            g = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
+                                  labels=["block_size", "num_gpu_blocks", "enable_prefix_caching", "engine", "model_name"])
+            for m in live:
+                c = m.engine.config
+                g.add_metric([str(c.block_size), str(c.num_blocks), str(c.enable_prefix_caching), m.labels["engine"], m.labels["model_name"]], 1)
             yield g
-        for name, doc, read in (
-            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", lambda: pool.prefix_queries),
-            ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", lambda: pool.prefix_hits),
-            ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", lambda: e.scheduler.num_preemptions),
-        ):
-            c = CounterMetricFamily(name, doc, labels=LABELS)
-            c.add_metric(values, read())
-            yield c
-        info = {"block_size": str(e.config.block_size), "num_gpu_blocks": str(e.config.num_blocks),
-                "enable_prefix_caching": str(e.config.enable_prefix_caching), "engine": values[1]}
-        g = GaugeMetricFamily("vllm:cache_config_info", "Information of the LLMEngine CacheConfig", labels=list(info))
-        g.add_metric(list(info.values()), 1)
-        yield g

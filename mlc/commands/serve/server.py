@@ -36,6 +36,9 @@ class ServeConfig:
     lora: list[str] = field(default_factory=list)  # NAME=PATH (PATH may be a run reference)
     allow_runtime_lora: bool = False  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter
     num_speculative_tokens: int = 0  # n-gram prompt-lookup drafts per decode step (0: off)
+    more_models: list[str] = field(default_factory=list)  # further models (mlc serve A B ...), each loaded on its first request
+    more_served_names: list[str] = field(default_factory=list)  # their --served-model-name, in order (empty: the default names)
+    max_memory: str | None = None  # weights + KV caches of the models in memory at once (None: no limit)
 
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 1024, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -52,7 +55,7 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def parse_memory(text: str, available: int) -> int:
+def parse_memory(text: str, available: int, flag: str = "--kv-cache-memory") -> int:
     """Bytes from '2GiB', '512MB', '1e9' or a fraction of available memory such as '0.1'."""
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(2).lower() if m else ""
@@ -61,7 +64,7 @@ def parse_memory(text: str, available: int) -> int:
     except ValueError:
         value = None
     if value is None or value <= 0:
-        raise InputError(f"--kv-cache-memory {text!r} is not a size", "give bytes with a unit (2GiB, 512MB) or a fraction of free RAM (0.1)")
+        raise InputError(f"{flag} {text!r} is not a size", "give bytes with a unit (2GiB, 512MB) or a fraction of free RAM (0.1)")
     if value <= 1 and not unit:
         return int(value * available)
     return int(value * UNITS[unit])
@@ -81,8 +84,10 @@ def parse_loras(specs: list[str], model_name: str) -> list[tuple[str, str]]:
     return out
 
 
-def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: list[tuple[str, Path]] | None = None) -> tuple[Any, Any, Any]:
-    """(engine, tokenizer, grammar factory) for the model at path, with a KV pool sized by the config and the LoRA adapters given."""
+def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: list[tuple[str, Path]] | None = None,
+                metrics: Any = None) -> tuple[Any, Any, Any]:
+    """(engine, tokenizer, grammar factory) for the model at path, with a KV pool sized by the config and the LoRA adapters given
+    (metrics: its ServeMetrics, when the server shares one registry between several models)."""
     import torch
 
     from mlc.commands.serve.engine import Engine, EngineConfig
@@ -129,7 +134,7 @@ def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: lis
     config = EngineConfig(num_blocks, cfg.block_size, cfg.max_batched_tokens, cfg.max_running, max_len, cfg.enable_prefix_caching,
                           cfg.compile, cfg.num_speculative_tokens)
     grammars = GrammarFactory(tokenizer.backend.to_str(), mc.vocab_size, tokenizer.eos_token_ids)
-    engine = Engine(model, tokenizer, config, ServeMetrics(name, max_len), grammars, lora)
+    engine = Engine(model, tokenizer, config, metrics or ServeMetrics(name, max_len), grammars, lora)
     return engine, tokenizer, grammars
 
 
@@ -141,12 +146,20 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
     from mlc.runs import open_run
 
     budget = parse_memory(cfg.kv_cache_memory, available_memory())  # a bad size fails before anything starts
+    if cfg.more_models:
+        from mlc.commands.serve.modelset import serve_models
+
+        return serve_models(cfg, budget)
     if cfg.compile and (cfg.lora or cfg.allow_runtime_lora):
         raise InputError("--compile does not cover LoRA adapters yet", "serve adapters without --compile, or fold them (`mlc merge lora`)")
     record = {k: v for k, v in asdict(cfg).items() if k != "api_key"} | {"api_key": "set" if cfg.api_key else None}
     with open_run("serve", record, handle_sigterm=False) as run:
         path = run.add_input(cfg.model, role="model")
         name = served_name(cfg)
+        if cfg.max_memory is not None:
+            from mlc.commands.serve.modelset import check_fits, footprint
+
+            check_fits(name, footprint(path, cfg.dtype, budget), parse_memory(cfg.max_memory, available_memory(), "--max-memory"))
         loras = [(n, run.add_input(ref, role=f"lora:{n}")) for n, ref in parse_loras(cfg.lora, name)]
         state = ServerState(name, cfg.api_key, cfg.max_queue, record_input=run.add_input,
                             allow_runtime_lora=cfg.allow_runtime_lora, runs_root=run.root)
@@ -200,8 +213,13 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
 
 def served_name(cfg: ServeConfig) -> str:
     """The model id clients send: --served-model-name, else a run reference or Hub id as given, else the directory's name."""
-    is_ref = str(cfg.model).startswith(("run:", "latest:"))
-    return cfg.served_model_name or (str(cfg.model) if is_ref or _is_hub_id(str(cfg.model)) else Path(cfg.model).resolve().name)
+    return cfg.served_model_name or default_name(cfg.model)
+
+
+def default_name(model: str) -> str:
+    """A model's id without --served-model-name: a run reference or Hub id as given, else the directory's name."""
+    is_ref = str(model).startswith(("run:", "latest:"))
+    return str(model) if is_ref or _is_hub_id(str(model)) else Path(model).resolve().name
 
 
 def _is_hub_id(text: str) -> bool:
