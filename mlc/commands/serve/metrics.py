@@ -2,7 +2,8 @@
 
 Names and labels are vLLM's (`vllm:` prefix; labels model_name and engine, finished_reason on
 request_success), so Grafana dashboards and alerts written for vLLM read mlc serve unchanged. The
-library writes the exposition format, escaping included. Each server has its own registry.
+library writes the exposition format, escaping included. Each server has its own registry (one for all its models when it
+serves several: MetricFamilies).
 Events (tokens, finished requests, latencies) are counted as they happen, from the engine thread;
 the engine's state (running and waiting sequences, KV blocks, prefix-cache and preemption counts)
 is read when /metrics is scraped, by a collector bound to the engine once it is loaded. The series

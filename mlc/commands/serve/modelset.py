@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import logging
 import secrets
 import threading
 import time
@@ -36,8 +35,6 @@ from mlc.commands.serve.api import MAX_BODY_BYTES, ServerState, build_app
 from mlc.commands.serve.metrics import CONTENT_TYPE, FINISH_REASONS, LABELS, MetricFamilies, ServeMetrics
 from mlc.commands.serve.server import ServeConfig, available_memory, default_name, parse_memory
 from mlc.errors import InputError, MlcError
-
-log = logging.getLogger("mlc.serve")
 
 # The routes whose JSON body names the model; every other path goes to the first model's app (docs, /version, 404s).
 BODY_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"}
@@ -86,8 +83,9 @@ class ServedModel:
     metrics: ServeMetrics
     bytes: int  # weights (from the safetensors headers, at the dtype they load in) + KV cache: what --max-memory counts
     status: str = "unloaded"  # unloaded, loading, ready, unloading, failed
-    engine: Any = None
+    engine: Any = None  # set once the event loop has taken the load in
     thread: threading.Thread | None = None
+    running: Any = None  # the engine whose loop runs in the thread (for the shutdown, which may come mid-load)
     transition: asyncio.Future | None = None  # the load or unload under way
     error: BaseException | None = None
     active: int = 0  # requests being answered
@@ -106,6 +104,8 @@ class ModelSet:
         self.families, self.jobs, self.on_fatal = families, jobs, on_fatal
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = False  # the first model has loaded (/health 200 from then on)
+        self._stopping = False
+        self._lock = threading.Lock()
         self._draining = False
         reg = families.registry
         self.loaded = Gauge("mlc:model_loaded", "1 while the model is in memory, else 0.", LABELS, registry=reg)
@@ -113,6 +113,8 @@ class ModelSet:
         self.unloads = Counter("mlc:model_unloads", "Unloads of the model to make room for another (--max-memory).", LABELS, registry=reg)
         self.load_time = Histogram("mlc:model_load_seconds", "Time to load the model (weights and KV cache).", LABELS, registry=reg,
                                    buckets=[0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300])
+        self.unload_time = Histogram("mlc:model_unload_seconds", "Time to unload the model (its engine loop stopped, memory freed).",
+                                     LABELS, registry=reg, buckets=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
         for m in models:
             self.loaded.labels(m.name, "0").set(0)
 
@@ -195,7 +197,8 @@ class ModelSet:
         self._drop(m)
         m.status = "unloaded"
         self.unloads.labels(m.name, "0").inc()
-        log.info("unloaded %s in %.2f s (to make room)", m.name, time.monotonic() - began)
+        self.unload_time.labels(m.name, "0").observe(time.monotonic() - began)
+        console.info(f"unloaded {m.name} in {time.monotonic() - began:.2f} s (to make room)")
 
     def _drop(self, m: ServedModel) -> None:
         m.metrics.unbind_engine()
@@ -207,7 +210,7 @@ class ModelSet:
     def _loaded(self, m: ServedModel, done: asyncio.Future, began: float, result: Any, error: BaseException | None) -> None:
         if error is not None:
             m.status, m.error, m.thread = "failed", error, None
-            log.error("model %s failed to load: %s", m.name, error)
+            console.warn(f"model {m.name!r} failed to load: {_describe(error)}")
             if m is self.models[0] and not self.started:
                 self.on_fatal(error)  # nothing served yet: stop, as a single server does
         else:
@@ -250,18 +253,28 @@ class ModelSet:
         self._call(self._loaded, m, done, began, result, None)
         engine = result[0]
         del result
+        with self._lock:
+            if self._stopping:  # the server stopped while this model loaded
+                return
+            m.running = engine
         engine.run()
+        m.running = None
         self._call(self._ended, m, engine)
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        if self.loop is not None and not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(fn, *args)
+        try:
+            if self.loop is not None:
+                self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop has closed: the server has stopped
+            pass
 
     def stop(self) -> None:
         """Stop every engine loop and wait for their threads (after the server has stopped)."""
-        for m in self.models:
-            if m.engine is not None:
-                m.engine.stop()
+        with self._lock:
+            self._stopping = True
+            engines = [m.running for m in self.models if m.running is not None]
+        for engine in engines:
+            engine.stop()
         for m in self.models:
             if m.thread is not None:
                 m.thread.join()
@@ -341,11 +354,23 @@ class Front:
         except P.ApiError as e:
             return await _json(scope, replay, send, e.status, e.body(), e.headers)
         m.active += 1
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if not done:
+                done, m.last_used = True, time.monotonic()
+                m.active -= 1
+
+        async def send_tracked(message: dict) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                finish()  # idle from its last byte on: a client's next request may come before this coroutine unwinds
+            await send(message)
+
         try:
-            await m.app(scope, replay, send)
+            await m.app(scope, replay, send_tracked)
         finally:
-            m.active -= 1
-            m.last_used = time.monotonic()
+            finish()
 
     async def _lifespan(self, receive: Callable[[], Awaitable[dict]], send: Callable[[dict], Awaitable[None]]) -> None:
         while True:
