@@ -66,29 +66,35 @@ def complete(client, model: str, prompt_of: str | None = None) -> str:
     return r.choices[0].text
 
 
+NAMES = ("small", "big", "again", "broken")  # again: the small model's directory once more, under another name
+
+
 def loaded(server) -> dict[str, float]:
-    return {name: server.metrics(model_name=name).get("mlc:model_loaded", -1.0) for name in ("small", "big")}
+    return {name: server.metrics(model_name=name).get("mlc:model_loaded", -1.0) for name in NAMES[:3]}
 
 
 @pytest.fixture(scope="module")
-def pair(models, tmp_path_factory):
-    """small and big (and broken) in one server without a memory limit."""
-    s = start_server(models["small"], tmp_path_factory.mktemp("serve-pair"), str(models["big"]), str(models["broken"]),
-                     "--served-model-name", "small", "--served-model-name", "big", "--served-model-name", "broken", *SERVE)
+def server(models, tmp_path_factory):
+    """small, big, again and broken in one server, with --max-memory for small and big together (not a third model)."""
+    from mlc.commands.serve.modelset import footprint
+
+    room = sum(sum(footprint(models[n], "float32", 1 << 20)) for n in ("small", "big"))
+    s = start_server(models["small"], tmp_path_factory.mktemp("serve-multi"), str(models["big"]), str(models["small"]), str(models["broken"]),
+                     *(a for n in NAMES for a in ("--served-model-name", n)), "--max-memory", str(room), *SERVE)
     yield s
     s.stop()
 
 
-def test_each_request_goes_to_the_model_it_names_and_answers_as_that_model_alone(pair, expected):
+def test_each_request_goes_to_the_model_it_names_and_answers_as_that_model_alone(server, expected):
     import openai
 
-    assert loaded(pair) == {"small": 1.0, "big": 0.0}  # the first model loads at start, the others on their first request
-    client = pair.client()
-    assert [m.id for m in client.models.list().data] == ["small", "big", "broken"]
+    assert loaded(server) == {"small": 1.0, "big": 0.0, "again": 0.0}  # the first model loads at start, the others on their first request
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == list(NAMES)
     assert complete(client, "small") == expected["small"]
-    assert loaded(pair)["big"] == 0.0
+    assert loaded(server)["big"] == 0.0
     assert complete(client, "big") == expected["big"]
-    assert loaded(pair) == {"small": 1.0, "big": 1.0}
+    assert loaded(server) == {"small": 1.0, "big": 1.0, "again": 0.0}
     answers: dict[str, str] = {}  # both at once: each engine in its own thread
     threads = [threading.Thread(target=lambda n=n: answers.__setitem__(n, complete(client, n))) for n in ("big", "small", "big")]
     for t in threads:
@@ -99,45 +105,43 @@ def test_each_request_goes_to_the_model_it_names_and_answers_as_that_model_alone
     assert client.models.retrieve("big").id == "big"
     with pytest.raises(openai.NotFoundError) as e:
         complete(client, "medium", prompt_of="small")
-    assert "'medium' does not exist" in str(e.value) and "'small', 'big', 'broken'" in str(e.value)
-    assert http(pair, "GET", "/v1/models/medium")[0] == 404
-    assert http(pair, "POST", "/v1/completions", {"model": "big", "prompt": "hi"}, key="wrong")[0] == 401
-    per_model = {n: pair.metrics(model_name=n)["vllm:generation_tokens_total"] for n in ("small", "big")}
+    assert "'medium' does not exist" in str(e.value) and "'small', 'big', 'again', 'broken'" in str(e.value)
+    assert http(server, "GET", "/v1/models/medium")[0] == 404
+    assert http(server, "POST", "/v1/completions", {"model": "big", "prompt": "hi"}, key="wrong")[0] == 401
+    per_model = {n: server.metrics(model_name=n)["vllm:generation_tokens_total"] for n in ("small", "big")}
     assert per_model == {"small": 2 * MAX_TOKENS, "big": 3 * MAX_TOKENS}
 
 
-def test_a_model_that_fails_to_load_fails_its_own_requests_and_the_others_keep_answering(pair, expected):
-    status, body = http(pair, "POST", "/v1/completions", {"model": "broken", "prompt": PROMPTS["small"], "max_tokens": 2})
+def test_a_model_that_fails_to_load_fails_its_own_requests_and_the_others_keep_answering(server, expected):
+    status, body = http(server, "POST", "/v1/completions", {"model": "broken", "prompt": PROMPTS["small"], "max_tokens": 2})
     assert status == 500 and body["error"]["code"] == "model_load_failed" and "shape" in body["error"]["message"]
-    assert http(pair, "POST", "/v1/completions", {"model": "broken", "prompt": [1, 2], "max_tokens": 2})[0] == 500  # stays failed
-    assert complete(pair.client(), "small") == expected["small"]
-    assert complete(pair.client(), "big") == expected["big"]
-    assert http(pair, "GET", "/health")[0] == 200
+    assert http(server, "POST", "/v1/completions", {"model": "broken", "prompt": [1, 2], "max_tokens": 2})[0] == 500  # stays failed
+    assert complete(server.client(), "small") == expected["small"]
+    assert complete(server.client(), "big") == expected["big"]
+    assert http(server, "GET", "/health")[0] == 200
 
 
-def test_the_run_records_every_served_model_as_an_input(models, pair):
-    assert pair.stop() == 0
-    run = json.loads(next(pair.runs_dir.glob("*serve*/run.json")).read_text())
-    assert {i["role"]: i["path"] for i in run["inputs"]} == {f"model:{n}": str(models[n]) for n in ("small", "big", "broken")}
-    assert run["summary"]["models"]["big"]["generation_tokens"] == 4 * MAX_TOKENS
-    assert run["summary"]["generation_tokens"] == 7 * MAX_TOKENS  # small 3 requests, big 4, broken none
+def test_when_memory_is_short_the_least_recently_used_idle_model_is_unloaded_and_answers_stay_right(server, expected):
+    client = server.client()
+    before = {n: server.metrics(model_name=n)["mlc:model_unloads_total"] for n in NAMES[:3]}
+    complete(client, "small")
+    complete(client, "big")  # small is now the least recently used
+    steps = [("again", {"big", "again"}), ("small", {"again", "small"}), ("big", {"small", "big"}), ("again", {"big", "again"})]
+    for name, in_memory in steps:
+        assert complete(client, name, prompt_of="small" if name == "again" else None) == expected["small" if name == "again" else name]
+        assert loaded(server) == {n: float(n in in_memory) for n in NAMES[:3]}, name
+    after = {n: server.metrics(model_name=n)["mlc:model_unloads_total"] for n in NAMES[:3]}
+    assert {n: after[n] - before[n] for n in after} == {"small": 2.0, "big": 1.0, "again": 1.0}
 
 
-def test_with_memory_for_one_model_alternating_requests_unload_and_reload_and_answers_stay_right(models, expected, tmp_path):
-    from mlc.commands.serve.modelset import footprint
-
-    sizes = {n: sum(footprint(models[n], "float32", 1 << 20)) for n in ("small", "big")}
-    s = start_server(models["small"], tmp_path, str(models["big"]), "--served-model-name", "small", "--served-model-name", "big",
-                     "--max-memory", str(max(sizes.values())), *SERVE)  # room for either model, not both
-    try:
-        client = s.client()
-        for name in ("big", "small", "big", "small"):
-            assert complete(client, name) == expected[name]
-            assert loaded(s) == {"small": float(name == "small"), "big": float(name == "big")}
-        counts = {n: (s.metrics(model_name=n)["mlc:model_loads_total"], s.metrics(model_name=n)["mlc:model_unloads_total"]) for n in sizes}
-        assert counts == {"small": (3.0, 2.0), "big": (2.0, 2.0)}
-    finally:
-        assert s.stop() == 0
+def test_the_run_records_every_served_model_as_an_input(models, server):
+    tokens = {n: server.metrics(model_name=n).get("vllm:generation_tokens_total", 0.0) for n in NAMES}
+    assert server.stop() == 0
+    run = json.loads(next(server.runs_dir.glob("*serve*/run.json")).read_text())
+    paths = {"small": models["small"], "big": models["big"], "again": models["small"], "broken": models["broken"]}
+    assert {i["role"]: i["path"] for i in run["inputs"]} == {f"model:{n}": str(p) for n, p in paths.items()}
+    assert {n: s["generation_tokens"] for n, s in run["summary"]["models"].items()} == tokens
+    assert run["summary"]["generation_tokens"] == sum(tokens.values()) > 0 and tokens["broken"] == 0
 
 
 def test_ambiguous_names_and_combinations_are_refused_before_anything_loads(models, run_mlc):

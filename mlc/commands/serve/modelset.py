@@ -19,7 +19,6 @@ restarts; the other models are not touched.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import secrets
 import threading
@@ -115,8 +114,9 @@ class ModelSet:
                                    buckets=[0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300])
         self.unload_time = Histogram("mlc:model_unload_seconds", "Time to unload the model (its engine loop stopped, memory freed).",
                                      LABELS, registry=reg, buckets=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10])
-        for m in models:
-            self.loaded.labels(m.name, "0").set(0)
+        for m in models:  # every model's series from the start, at 0
+            for family in (self.loaded, self.loads, self.unloads, self.load_time, self.unload_time):
+                family.labels(m.name, "0")
 
     @property
     def draining(self) -> bool:
@@ -204,8 +204,7 @@ class ModelSet:
         m.metrics.unbind_engine()
         m.state.engine = m.state.tokenizer = m.state.grammars = None
         m.engine, m.thread = None, None
-        self.loaded.labels(m.name, "0").set(0)
-        gc.collect()  # the model's tensors go now, not at some later collection
+        self.loaded.labels(m.name, "0").set(0)  # the last references to the engine went: reference counting frees its tensors now
 
     def _loaded(self, m: ServedModel, done: asyncio.Future, began: float, result: Any, error: BaseException | None) -> None:
         if error is not None:
