@@ -21,10 +21,29 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    # Tensor parallelism: groups of tp_size consecutive ranks share one model and read the same batches. Data is
+    # divided among the dp_size groups; without TP every process is its own group.
+    tp_size: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which share of each batch this process reads (the same for every process of a TP group)."""
+        return self.rank // self.tp_size
+
+    @property
+    def dp_size(self) -> int:
+        """How many shares each batch is cut into: the number of TP groups."""
+        return self.world_size // self.tp_size
+
+    @property
+    def data_weight(self) -> float:
+        """1.0 on the first process of each TP group, 0.0 on the others: a sum over the data that is all-reduced
+        over every process (loss, target count) then counts each batch once."""
+        return 1.0 if self.rank % self.tp_size == 0 else 0.0
 
     @property
     def distributed(self) -> bool:

@@ -139,15 +139,17 @@ class Attention(nn.Module):
             q, k = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin).split([self.n_heads, self.n_kv], dim=1)
             v = qkv[:, self.n_heads + self.n_kv :]
         else:
-            q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-            k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-            v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+            # Head counts from the projections' outputs: under tensor parallelism each process holds whole heads, a
+            # tp_size-th of them (mlc.distributed.parallel), and the same code runs on its share.
+            q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
             out = causal_attention(q, k, v, self.window)
         else:
             out = cache.attend(self.layer_idx, q, k, v, sliding_window=self.window)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):

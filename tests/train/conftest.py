@@ -80,3 +80,14 @@ def loss_curve(run_dir: Path) -> dict[int, float]:
 @pytest.fixture
 def small_config(tmp_path: Path) -> Path:
     return write_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """SMALL on one process, uninterrupted, the reference of the multi-process tests: its run directory, loss curve
+    and the trace of the samples it read (MFU against a peak of 1e12 FLOP/s)."""
+    tmp = tmp_path_factory.mktemp("one")
+    runs, trace = tmp / "runs", tmp / "trace.jsonl"
+    mlc_train(write_config(tmp), runs, env={"MLC_TRAIN_TRACE_SAMPLES": str(trace)}, args=("--peak-flops", "1e12"))
+    (run,) = train_runs(runs)
+    return {"run": run, "curve": loss_curve(run), "trace": trace}

@@ -43,15 +43,16 @@ def traced_samples(trace: Path) -> dict[int, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    """Uninterrupted runs: 1 process, 2 processes with DDP, 2 with FSDP2 (loss curves and sample traces)."""
+def references(tmp_path_factory, one_process_run):
+    """Uninterrupted runs: 1 process (shared with the tensor-parallel test), 2 processes with DDP, 2 with FSDP2 (loss
+    curves and sample traces)."""
     tmp = tmp_path_factory.mktemp("refs")
     config = write_config(tmp)
-    out = {}
-    for name, nproc, parallel in (("one", 1, "ddp"), ("ddp", 2, "ddp"), ("fsdp", 2, "fsdp")):
+    one = one_process_run
+    out = {"one": {"curve": one["curve"], "samples": traced_samples(one["trace"]), "run": one["run"]}}
+    for name, parallel in (("ddp", "ddp"), ("fsdp", "fsdp")):
         runs, trace = tmp / f"runs-{name}", tmp / f"trace-{name}.jsonl"
-        peak = ("--peak-flops", "1e12") if name == "one" else ()
-        mlc_train(config, runs, f'train.parallel="{parallel}"', nproc=nproc, env={"MLC_TRAIN_TRACE_SAMPLES": str(trace)}, args=peak)
+        mlc_train(config, runs, f'train.parallel="{parallel}"', nproc=2, env={"MLC_TRAIN_TRACE_SAMPLES": str(trace)})
         (run,) = train_runs(runs)
         out[name] = {"curve": loss_curve(run), "samples": traced_samples(trace), "run": run}
     return out

@@ -15,7 +15,7 @@ HELP = """Train as CONFIG.toml says (recipes: examples/train/).
 
 Sections: [model] config or init, tokenizer, dtype; [data] mode (pretrain|sft|dpo), train, eval, val_fraction,
 seq_len, shuffle; [dpo] beta; [average] ema, ema_decay, lawa_k, lawa_interval; [train] steps, batch_size (global sequences per step), micro_batch_size, grad_clip, precision (fp32|bf16),
-parallel (ddp|fsdp|diloco), compile, seed; [diloco] inner_steps, outer_lr, outer_momentum, quantize; [optim] name (adamw|muon|galore), lr, weight_decay, betas, eps, momentum, nesterov,
+parallel (ddp|fsdp|diloco|tp), tp_size, compile, seed; [diloco] inner_steps, outer_lr, outer_momentum, quantize; [optim] name (adamw|muon|galore), lr, weight_decay, betas, eps, momentum, nesterov,
 ns_steps, galore_rank, galore_update_proj_gap, galore_scale; [schedule] kind (cosine|wsd|constant), warmup_steps, warmup_start, min_lr_ratio, decay_fraction;
 [lora] enabled, base (dense|nf4: QLoRA), r, alpha, dropout, target_modules; [moe] aux_loss_coef, z_loss_coef; [eval] interval,
 max_sequences; [checkpoint] interval, keep_last_k, resume (auto|none|run:<id>), async_save; [log] interval, tensorboard,
@@ -61,7 +61,7 @@ def train(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from mlc import console, options
-    from mlc.commands.train.config import check_world, load_config
+    from mlc.commands.train.config import check_world, known_model, load_config
     from mlc.distributed import report
     from mlc.distributed.launch import LaunchSpec, launch, under_launcher
 
@@ -80,7 +80,7 @@ def train(
     spec = LaunchSpec(max(nproc_per_node, 1), nnodes, node_rank, rdzv_endpoint, max_restarts, grace_period)
     if (nproc_per_node > 1 or nnodes > 1 or max_restarts > 0) and not under_launcher():
         spec.check()
-        check_world(cfg, spec.world_size)  # before starting any process
+        check_world(cfg, spec.world_size, known_model(cfg) if cfg.train.parallel == "tp" else None)  # before starting any process
         if peak_flops:
             overrides.append(f"log.peak_flops={peak_flops}")
         flags = (["--debug"] if options.get().debug else []) + (["--quiet"] if options.get().verbosity < 0 else [])

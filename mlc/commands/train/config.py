@@ -52,8 +52,10 @@ class TrainSection(BaseModel):
     micro_batch_size: AtLeast1 = 8  # sequences per forward pass on one process
     grad_clip: NonNegative = 1.0  # max global grad norm; 0 disables clipping
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast around forward and loss
-    # how more than one process shares the work; diloco: local steps, an outer step every [diloco] inner_steps
-    parallel: Literal["ddp", "fsdp", "diloco"] = "ddp"
+    # how more than one process shares the work; diloco: local steps, an outer step every [diloco] inner_steps;
+    # tp: tensor parallelism over groups of tp_size processes (FSDP2 across the groups when there are several)
+    parallel: Literal["ddp", "fsdp", "diloco", "tp"] = "ddp"
+    tp_size: AtLeast0 = 0  # processes per tensor-parallel group (parallel = "tp"); 0: all of them
     compile: bool = False  # torch.compile each transformer block
     seed: int = 0
 
@@ -281,12 +283,45 @@ def check(config: TrainConfig) -> None:
         p.append('optim.name: GaLore needs each matrix\'s whole gradient for its SVD, which FSDP shards; use train.parallel = "ddp"')
     if config.lora.enabled and not m.init:
         p.append("lora.enabled: LoRA adapts a trained model; set model.init")
+    if t.tp_size and t.parallel != "tp":
+        p.append(f'train.tp_size: applies only to train.parallel = "tp" (it is "{t.parallel}"); remove it or set parallel = "tp"')
+    if t.parallel == "tp":
+        p.extend(_tp_problems(config))
     if d.mode == "dpo" and not m.init:
         p.append("data.mode: DPO tunes a trained model (its starting weights are the reference); set model.init")
     if config.out and Path(config.out).exists():
         p.append(f"out: {config.out} already exists; choose a new directory (the run's own artifact needs none)")
     if p:
         raise ValidationError(p, "config", "fix the config file or the --set values")
+
+
+def _tp_problems(config: TrainConfig) -> list[str]:
+    """What tensor parallelism does not combine with: each of these needs whole weight matrices or plain tensors."""
+    use = 'use train.parallel = "ddp" or "fsdp"'
+    p = []
+    if config.lora.enabled:
+        p.append(f"lora.enabled: LoRA and QLoRA are not supported with train.parallel = \"tp\"; {use}")
+    if config.optim.name != "adamw":
+        p.append(f"optim.name: {config.optim.name} needs each weight matrix whole, which tensor parallelism splits; use adamw, or {use}")
+    if config.average.ema or config.average.lawa_k:
+        p.append(f"average.ema / average.lawa_k: weight averages are not kept under train.parallel = \"tp\"; {use}")
+    if config.train.compile:
+        p.append(f"train.compile: not supported with train.parallel = \"tp\"; set it to false, or {use}")
+    return p
+
+
+def tp_model_problems(model: Any, tp: int) -> list[str]:
+    """Why a model (a ModelConfig) cannot be split over tp processes: each process takes whole heads and an equal
+    slice of the MLP."""
+    if tp == 1:
+        return []
+    if model.is_moe:
+        return ["train.parallel: tensor parallelism covers dense models; this one has experts (use \"fsdp\")"]
+    p = []
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(model, key) % tp:
+            p.append(f"train.tp_size: the model's {key} ({getattr(model, key)}) is not divisible by {tp} processes per group")
+    return p
 
 
 def _init_problems(init: str) -> list[str]:
@@ -364,15 +399,48 @@ def config_json_path(config: TrainConfig) -> Path:
     return _config_json(Path(config.model.config))
 
 
-def check_world(config: TrainConfig, world_size: int) -> int:
-    """Gradient-accumulation steps for this world size; the global batch stays the same on any world size."""
-    per_step = config.train.micro_batch_size * world_size
+def known_model(config: TrainConfig) -> Any:
+    """The ModelConfig when it can be read without resolving a run reference or the Hub (for checks before a launch)."""
+    import json
+
+    from mlc.models import config_from_hf
+
+    path = config_json_path(config) if config.model.config else Path(config.model.init).expanduser() / "config.json"
+    try:
+        return config_from_hf(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, MlcError):  # checked again, with its own error, once the run starts
+        return None
+
+
+def tp_size(config: TrainConfig, world_size: int) -> int:
+    """Processes per tensor-parallel group: train.tp_size, all of them when 0, 1 unless train.parallel = "tp"."""
+    if config.train.parallel != "tp":
+        return 1
+    return config.train.tp_size or world_size
+
+
+def check_world(config: TrainConfig, world_size: int, model: Any = None) -> int:
+    """Gradient-accumulation steps for this world size; the global batch stays the same on any world size.
+
+    Under tensor parallelism the batch is split over the TP groups, not the processes; `model` (a ModelConfig, when
+    known) is checked to split over a group."""
+    tp = tp_size(config, world_size)
+    if world_size % tp:
+        raise ValidationError(
+            [f"train.tp_size: {world_size} processes cannot form groups of {tp}"], "config",
+            "make the number of processes a multiple of train.tp_size",
+        )
+    if model is not None and (problems := tp_model_problems(model, tp)):
+        raise ValidationError(problems, "config", "choose a train.tp_size that divides them")
+    groups = world_size // tp
+    per_step = config.train.micro_batch_size * groups
     if config.train.batch_size % per_step:
+        over = f"{groups} tensor-parallel groups of {tp}" if tp > 1 else f"{world_size} processes"
         raise ValidationError(
             [f"train.batch_size: {config.train.batch_size} sequences cannot be split into micro-batches of "
-             f"{config.train.micro_batch_size} over {world_size} processes"],
+             f"{config.train.micro_batch_size} over {over}"],
             "config",
-            "make batch_size a multiple of micro_batch_size x processes",
+            "make batch_size a multiple of micro_batch_size x processes" + (" / tp_size" if tp > 1 else ""),
         )
     return config.train.batch_size // per_step
 
@@ -386,7 +454,7 @@ def fingerprint(config: TrainConfig) -> str:
     data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k not in ("resume", "async_save")}
     data["log"] = {}
     # How the work is split does not change the trajectory: a DDP run may resume under FSDP2 and vice versa.
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("parallel", "compile")}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("parallel", "compile", "tp_size")}
     if config.train.parallel == "diloco":  # DiLoCo does change it (workers drift apart between outer steps)
         data["train"]["parallel"] = "diloco"
     else:

@@ -57,7 +57,7 @@ class DpoTrainer(Trainer):
             logps = sequence_logps(logits, y, mask).view(2, -1).T  # [pairs, (chosen, rejected)]
             losses, margin, rewards = dpo_terms(logps, reference, self.beta)
             # Scaled so that DDP/FSDP's mean over processes gives sum(pair losses) / pairs in the global batch.
-            (losses.sum() * info.world_size / n_pairs).sum().backward()
+            (losses.sum() * info.dp_size / n_pairs).sum().backward()
             loss_sum += losses.sum().detach()
             sums += torch.stack([margin.sum(), (margin > 0).float().sum(), rewards[:, 0].sum(), rewards[:, 1].sum()]).detach()
         self.sums = dict(zip(METRICS, sums))
@@ -74,8 +74,8 @@ def _sync(model: nn.Module, enabled: bool) -> None:
 def pair_logps(model: nn.Module, pairs: PreferencePairs, micro_batch_size: int, info: mdist.DistInfo, autocast) -> torch.Tensor:
     """[len(pairs), 2] summed response log-probs under `model`, every process taking a share (the same number of
     forward passes on each, as FSDP needs), summed over processes."""
-    mine = list(range(len(pairs)))[info.rank :: info.world_size]
-    n_batches = math.ceil(math.ceil(len(pairs) / info.world_size) / micro_batch_size)
+    mine = list(range(len(pairs)))[info.dp_rank :: info.dp_size]  # a TP group computes one share
+    n_batches = math.ceil(math.ceil(len(pairs) / info.dp_size) / micro_batch_size)
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     was_training = model.training
     model.eval()
@@ -85,7 +85,7 @@ def pair_logps(model: nn.Module, pairs: PreferencePairs, micro_batch_size: int, 
         with autocast():
             logits = model(x).logits
         logps = sequence_logps(logits, y, mask).view(2, -1).T.double().cpu()
-        if chunk:
+        if chunk and info.data_weight:
             out[chunk] = logps
     model.train(was_training)
     return mdist.all_reduce_sum(out.to(mdist.collective_device())).cpu()

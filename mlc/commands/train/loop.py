@@ -7,6 +7,7 @@ metrics and artifacts; all ranks write their own checkpoint shards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -20,7 +21,7 @@ from mlc import console
 from mlc.commands.train import moe
 from mlc.commands.train.averaging import WeightAverages
 from mlc.commands.train.batches import PackedSamples, SampleOrder
-from mlc.commands.train.config import TrainConfig, check_world
+from mlc.commands.train.config import TrainConfig, check_world, tp_size
 from mlc.commands.train.display import LiveDisplay, MetricsSink
 from mlc.commands.train.dpo import DpoTrainer, attach_reference, evaluate_pairs
 from mlc.commands.train.export import export_final
@@ -66,11 +67,12 @@ def _train(
     config: TrainConfig, info: mdist.DistInfo, run: Run | None, run_path: Path, peak_flops: float, preemption: Preemption
 ) -> dict[str, Any]:
     tc, B, mb = config.train, config.train.batch_size, config.train.micro_batch_size
-    accum = check_world(config, info.world_size)
     # Every process builds the same model (LoRA's random init included: FSDP2 shards each rank's own copy).
     seed_everything(tc.seed)
     init_dir = _init_dir(config, run)
     mcfg = model_config(config, init_dir)
+    accum = check_world(config, info.world_size, mcfg)
+    info = dataclasses.replace(info, tp_size=tp_size(config, info.world_size))
     if config.data.seq_len > mcfg.max_position_embeddings:
         raise InputError(
             f"data.seq_len: {config.data.seq_len} is longer than the model's max_position_embeddings ({mcfg.max_position_embeddings})",
@@ -91,7 +93,7 @@ def _train(
     # DDP needs to know that an expert may get no token in a micro-batch (its parameters then have no gradient).
     model = _wrap(model, tc.parallel, info, find_unused=mcfg.is_moe)
     optimizers = build_optimizers(model, config.optim)
-    seed_everything(tc.seed * 1000 + info.rank)  # from here on, each process draws its own random numbers
+    seed_everything(tc.seed * 1000 + info.dp_rank)  # from here on, each data share draws its own random numbers
     # Weight averages start from the weights before the first step (a resumed run loads them with the rest).
     averages = WeightAverages(model, config.average) if config.average.ema or config.average.lawa_k else None
     outer = diloco.create(model, optimizers, config, info)  # train.parallel = "diloco": the outer optimizer
@@ -111,7 +113,7 @@ def _train(
                 "resume with the batch size it was trained with (the data position counts global batches)",
             )
         if not trainer["rng_restored"]:  # another world size: per-process RNG streams cannot carry over
-            seed_everything(tc.seed * 1000 + info.rank + 7919 * start)
+            seed_everything(tc.seed * 1000 + info.dp_rank + 7919 * start)
         if run is not None:
             console.info(f"resuming run {run.id} from {latest.name} (saved on {trainer['world_size']} process(es), now {info.world_size})")
             run.log(f"resumed from {latest.name} (saved on {trainer['world_size']} processes, now {info.world_size})")
@@ -150,9 +152,10 @@ def _train(
             if counts is not None:
                 expert_counts = counts if expert_counts is None else expert_counts + counts
             # One all-reduce and one device sync per step: the loss (and DPO's figures), and whether any process was
-            # asked to stop.
+            # asked to stop. A TP group's processes hold the same sums: only the first one's count.
             extra = getattr(trainer, "sums", {})
-            summed = mdist.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(preemption.requested)), *extra.values()]))
+            w = info.data_weight
+            summed = mdist.all_reduce_sum(torch.stack([loss_sum * w, loss_sum.new_tensor(float(preemption.requested)), *(v * w for v in extra.values())]))
             means = torch.cat([summed[:1] / n_targets, summed[1:2], summed[2:] / n_targets, grad_norm.reshape(1).to(n_targets)]).tolist()
             step_loss, stop, grad_norm = means[0], means[1], means[-1]
             if not math.isfinite(step_loss):
@@ -269,6 +272,8 @@ def _stop_for_preemption(
 def _wrap(model: torch.nn.Module, how: str, info: mdist.DistInfo, find_unused: bool) -> torch.nn.Module:
     if how == "diloco":  # each worker trains its own copy; mlc.distributed.diloco averages them every H steps
         return model
+    if how == "tp":
+        return parallel.tensor_parallel(model, blocks(model), info.tp_size, info.device)
     if how == "ddp" and info.distributed and find_unused:
         from torch.nn.parallel import DistributedDataParallel
 

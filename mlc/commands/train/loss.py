@@ -30,8 +30,8 @@ def evaluate(
     Every process runs the same number of forward passes (FSDP gathers weights in each), padding its share
     with fully masked rows, so the figure is the same on any number of processes.
     """
-    mine = eval_shard(len(samples), max_sequences, info.rank, info.world_size)
-    longest = math.ceil(min(len(samples), max_sequences) / info.world_size)
+    mine = eval_shard(len(samples), max_sequences, info.dp_rank, info.dp_size)  # a TP group evaluates one share
+    longest = math.ceil(min(len(samples), max_sequences) / info.dp_size)
     n_batches = math.ceil(longest / micro_batch_size)
     was_training = model.training
     model.eval()
@@ -46,6 +46,6 @@ def evaluate(
             logits = model(x).logits
         total += torch.stack([summed_cross_entropy(logits, y, mask).double().cpu(), mask.sum().double().cpu()])
     model.train(was_training)
-    total = mdist.all_reduce_sum(total.to(info.device)).cpu()
+    total = mdist.all_reduce_sum((total * info.data_weight).to(info.device)).cpu()
     loss = (total[0] / total[1].clamp(min=1)).item()
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

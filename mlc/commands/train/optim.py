@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from mlc.commands.train.config import OptimSection
+from mlc.distributed.parallel import mesh_key
 
 # Parameters that never take Muon even when they are 2-D: the token table and the output projection.
 EMBEDDING_OR_HEAD = ("embed_tokens", "lm_head", "wte", "tok_embeddings", "output")
@@ -36,7 +37,7 @@ def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Op
         decay = [p for _, p in params if p.ndim >= 2]
         no_decay = [p for _, p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+        return [g for g in _by_mesh(groups) if g["params"]]
 
     if cfg.name == "adamw":
         optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(adamw_groups(named), lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)]
@@ -66,6 +67,18 @@ def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Op
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
+
+
+def _by_mesh(groups: list[dict]) -> list[dict]:
+    """Each group split by where its tensors live (plain, or DTensors of one mesh): the foreach kernels take one kind
+    at a time, and tensor parallelism has plain replicated tensors next to DTensors (and FSDP2's next to 2-D ones)."""
+    out = []
+    for group in groups:
+        kinds: dict = {}
+        for p in group["params"]:
+            kinds.setdefault(mesh_key(p), []).append(p)
+        out += [{**group, "params": params} for params in kinds.values()]
+    return out
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:

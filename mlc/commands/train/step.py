@@ -41,7 +41,8 @@ def step_batches(
     """
     micro, local_targets = [], 0
     for m in range(accum):
-        positions = micro_batch_positions(step, m, info.rank, info.world_size, config.train.micro_batch_size, config.train.batch_size)
+        # Under tensor parallelism the processes of a TP group read the same samples: the data goes by dp_rank.
+        positions = micro_batch_positions(step, m, info.dp_rank, info.dp_size, config.train.micro_batch_size, config.train.batch_size)
         indices = [order[p] for p in positions]
         if trace:
             with open(trace, "a") as f:
@@ -49,7 +50,8 @@ def step_batches(
         batch = samples.batch(indices)
         local_targets += samples.units(batch)  # counted on the host: no device sync before the forward
         micro.append(tuple(_to_device(t, info.device) for t in batch))
-    return micro, mdist.all_reduce_sum(torch.tensor([float(local_targets)], device=info.device)).clamp(min=1.0)
+    counted = torch.tensor([local_targets * info.data_weight], device=info.device)  # each TP group's batch once
+    return micro, mdist.all_reduce_sum(counted).clamp(min=1.0)
 
 
 @dataclass
@@ -75,8 +77,9 @@ class Trainer:
             with self.autocast():
                 out = self.model(x, output_router_logits=mcfg.is_moe)
                 ce = self.loss_fn(out.logits, y, mask)
-                # Scaled so that DDP/FSDP's average over processes gives sum(token losses) / targets in the global batch.
-                loss = ce * info.world_size / n_targets
+                # Scaled so that DDP/FSDP's average over the data-parallel processes gives sum(token losses) / targets
+                # in the global batch (the processes of a TP group each hold a part of one model: no average there).
+                loss = ce * info.dp_size / n_targets
                 if mcfg.is_moe and out.router_logits:
                     loss = loss + _moe_terms(self.config, out.router_logits, top_k) / len(micro)
                     c = moe.expert_counts(out.router_logits, top_k)
