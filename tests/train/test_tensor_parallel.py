@@ -15,7 +15,12 @@ from .conftest import DATA, metrics, mlc_train, train_runs, write_config
 # all-reduce of two partial products) and the gradients are averaged over 2 FSDP shards: measured max |loss
 # difference| over the 8 steps: see RESULTS.md ("Tensor parallelism"); the bound leaves room for other BLAS kernels.
 PARITY_TOL = 1e-5
-WEIGHT_TOL = 1e-5  # max |weight difference| after 8 steps (AdamW at lr 3e-3 moves weights by up to 2.4e-2)
+# Weights: AdamW divides each gradient by the root of its second moment, so an element whose gradient is near zero
+# (a sum that almost cancels) turns a rounding difference into a step of up to lr (3e-3). Measured after 6 steps: mean
+# |difference| per tensor 4e-8 to 1.1e-7, a handful of elements (of 1M) above 1e-5, the largest 1.2e-4. A wrong split
+# (heads dealt to the wrong process, a missing all-reduce) moves the mean by orders of magnitude.
+WEIGHT_MEAN_TOL = 1e-6
+WEIGHT_MAX_TOL = 1e-3
 
 
 # ---- what tensor parallelism refuses, before any process starts ---------------------------------------------------
@@ -83,11 +88,11 @@ def segments(run_dir: Path) -> list[dict[int, float]]:
 
 
 def samples_by_rank(trace: Path) -> dict[int, dict[int, list[int]]]:
-    """rank -> step -> samples read (the last execution of a step wins)."""
-    out: dict[int, dict[int, list[int]]] = defaultdict(dict)
+    """rank -> step -> samples read, all micro-batches together (a trace holds one execution of each step)."""
+    out: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
     for line in trace.read_text().splitlines():
         rec = json.loads(line)
-        out[rec["rank"]][rec["step"]] = rec["samples"]
+        out[rec["rank"]][rec["step"]] += rec["samples"]
     return out
 
 
@@ -98,6 +103,12 @@ def model_tensors(path: Path) -> dict:
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+def assert_close_weights(a: dict, b: dict) -> None:
+    for k in a:
+        diff = (a[k] - b[k]).abs()
+        assert diff.mean().item() <= WEIGHT_MEAN_TOL and diff.max().item() <= WEIGHT_MAX_TOL, (k, diff.mean().item(), diff.max().item())
 
 
 @pytest.mark.slow
@@ -141,10 +152,10 @@ def test_fsdp_by_tp_on_four_processes_matches_one_process_and_resumes_after_a_ki
     assert code == 0, err
     a, b = step6(one), step6(tp)
     assert set(a) == set(b) and all(a[k].shape == b[k].shape for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_TOL
+    assert_close_weights(a, b)
     summary = {r: json.loads((r / "run.json").read_text())["summary"] for r in (one, tp)}
     a, b = model_tensors(Path(summary[one]["artifact"])), model_tensors(Path(summary[tp]["artifact"]))
     assert set(a) == set(b)
     assert all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype == torch.float32 for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= WEIGHT_TOL
+    assert_close_weights(a, b)
     assert abs(summary[tp]["eval_loss"] - summary[one]["eval_loss"]) <= PARITY_TOL
