@@ -13,9 +13,7 @@ lora_alpha = r (scale 1), written as a PEFT adapter that `PeftModel.from_pretrai
 from __future__ import annotations
 
 import json
-import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,98 +23,25 @@ from mlc.commands.merge.executor import return_freed_memory_to_os
 from mlc.contracts import MergeMethod
 from mlc.errors import InputError, ValidationError
 from mlc.io.hfdir import copy_tokenizer_files, read_config, write_config
+from mlc.io.peft import ADAPTER_WEIGHTS, PREFIX, PeftAdapter, read_adapter
 from mlc.io.safetensors_reader import ModelTensors
 from mlc.io.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from mlc.rng import keyed_generator
 
-PREFIX = "base_model.model."
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
-
-@dataclass
-class Adapter:
-    """One PEFT LoRA adapter: its config and, per base tensor name, how to compute its delta."""
-
-    path: Path
-    config: dict[str, Any]
-    tensors: ModelTensors
-    linear: dict[str, tuple[str, str]] = field(default_factory=dict)  # base weight -> (A key, B key)
-    embedding: dict[str, tuple[str, str]] = field(default_factory=dict)
-    biases: dict[str, str] = field(default_factory=dict)  # base bias -> lora_B bias key
-    replaced: dict[str, str] = field(default_factory=dict)  # base tensor -> modules_to_save tensor
-
-    def scale(self, module: str) -> float:
-        r = _pattern(self.config.get("rank_pattern") or {}, module, self.config.get("r", 8))
-        alpha = _pattern(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", r))
-        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
-
-    def targets(self) -> set[str]:
-        return set(self.linear) | set(self.embedding) | set(self.biases) | set(self.replaced)
-
-    def delta(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """This adapter's additive delta for base tensor `name` (None when it does not touch it)."""
-        module = name.rsplit(".", 1)[0]
-        if name in self.linear:
-            a, b = (self.tensors.read(k, dtype) for k in self.linear[name])
-            d = b @ a
-            return (d.T if self.config.get("fan_in_fan_out") else d) * self.scale(module)
-        if name in self.embedding:
-            a, b = (self.tensors.read(k, dtype) for k in self.embedding[name])
-            return (b @ a).T * self.scale(module)
-        if name in self.biases:
-            return self.tensors.read(self.biases[name], dtype)
-        return None
-
-
-def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule: a pattern applies when the module name ends with it (as a regex, at a dot boundary)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def open_adapter(path: Path, base: ModelTensors, problems: list[str]) -> Adapter | None:
+def open_adapter(path: Path, base: ModelTensors, problems: list[str]) -> PeftAdapter | None:
     """Read and check an adapter against its base; problems are appended, None if unusable."""
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        problems.append(f"{path} is not a PEFT adapter (no adapter_config.json)")
+    try:
+        adapter = read_adapter(path)
+    except InputError as e:
+        problems.append(e.message)
         return None
-    config = json.loads(cfg_path.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        problems.append(f"{path}: peft_type {config.get('peft_type')} is not LORA")
-    if config.get("use_dora"):
-        problems.append(f"{path}: DoRA adapters are not supported (their magnitude vectors need the full weight norm)")
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        problems.append(f"{path} has no {ADAPTER_WEIGHTS}" + (" (convert adapter_model.bin to safetensors first)" if (path / "adapter_model.bin").is_file() else ""))
-        return None
-    adapter = Adapter(path, config, ModelTensors(path / ADAPTER_WEIGHTS))
-    for key in adapter.tensors.names():
-        rest = key.removeprefix(PREFIX)
-        rest = re.sub(r"\.(lora_[AB]|lora_embedding_[AB])\.default", r".\1", rest)  # names saved with the adapter name
-        if m := re.fullmatch(r"(.+)\.lora_A(\.weight)?", rest):
-            adapter.linear[m.group(1) + ".weight"] = (key, key.replace("lora_A", "lora_B"))
-        elif m := re.fullmatch(r"(.+)\.lora_embedding_A(\.weight)?", rest):
-            adapter.embedding[m.group(1) + ".weight"] = (key, key.replace("lora_embedding_A", "lora_embedding_B"))
-        elif m := re.fullmatch(r"(.+)\.lora_B\.bias", rest):
-            adapter.biases[m.group(1) + ".bias"] = key
-        elif re.search(r"\.lora_(B|embedding_B)(\.weight)?$", rest):
-            continue
-        else:  # modules_to_save, or a base layer PEFT saved whole (embeddings it may have resized)
-            adapter.replaced[re.sub(r"\.(modules_to_save\.default|base_layer)", "", rest)] = key
+    problems.extend(adapter.problems())
     for name in sorted(adapter.targets()):
         if name not in base:
             problems.append(f"{path}: targets {name}, which the base model does not have")
             continue
-        shape = tuple(base.info(name).shape)
-        if name in adapter.linear:
-            a, b = (adapter.tensors.info(k).shape for k in adapter.linear[name])
-            got = (a[1], b[0]) if adapter.config.get("fan_in_fan_out") else (b[0], a[1])
-        elif name in adapter.embedding:
-            a, b = (adapter.tensors.info(k).shape for k in adapter.embedding[name])
-            got = (a[1], b[0])
-        else:
-            got = tuple(adapter.tensors.info(adapter.biases.get(name) or adapter.replaced[name]).shape)
+        shape, got = tuple(base.info(name).shape), adapter.shape_of_delta(name)
         if got != shape:
             problems.append(f"{path}: the delta for {name} has shape {list(got)}, the base tensor {list(shape)}")
     return adapter
@@ -159,7 +84,7 @@ def fold(
     return changed
 
 
-def check_fold(base_dir: Path, adapter_dirs: list[Path], method: MergeMethod | None, params: dict[str, Any] | None) -> tuple[list[Adapter], dict[str, Any], ModelTensors]:
+def check_fold(base_dir: Path, adapter_dirs: list[Path], method: MergeMethod | None, params: dict[str, Any] | None) -> tuple[list[PeftAdapter], dict[str, Any], ModelTensors]:
     """Validate the base, the adapters and the combining method before any weight is read."""
     problems: list[str] = []
     from mlc.io.hfdir import require_model_dir
@@ -185,7 +110,7 @@ def check_fold(base_dir: Path, adapter_dirs: list[Path], method: MergeMethod | N
     return adapters, bound, base
 
 
-def _fold_one(name: str, w: torch.Tensor, adapters: list[Adapter], method: MergeMethod | None, params: dict[str, Any], seed: int) -> torch.Tensor:
+def _fold_one(name: str, w: torch.Tensor, adapters: list[PeftAdapter], method: MergeMethod | None, params: dict[str, Any], seed: int) -> torch.Tensor:
     work = torch.float64 if w.dtype == torch.float64 else torch.float32
     base = w.to(work)
     candidates = []

@@ -9,7 +9,7 @@ for the base model pay nothing but the wrapper's call. For a stacked module the 
 parts are stacked and its B matrices placed block-diagonally, so q, k and v still take one matmul pair.
 
 Adapters are PEFT LoRA directories (adapter_config.json + adapter_model.safetensors, as `mlc train` and
-peft save them). The delta is scale * B @ A with scale = lora_alpha / r (alpha / sqrt(r) with rslora,
+peft save them; read by mlc.io.peft, as `mlc merge lora` reads them). The delta is scale * B @ A with scale = lora_alpha / r (alpha / sqrt(r) with rslora,
 rank_pattern / alpha_pattern by module): the same delta `mlc merge lora` folds into the weights. What
 cannot be applied as a low-rank term on a Linear (DoRA, embedding targets, modules_to_save, LoRA biases)
 is refused when the adapter is loaded.
@@ -18,20 +18,15 @@ is refused when the adapter is loaded.
 from __future__ import annotations
 
 import itertools
-import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from mlc.errors import InputError
+from mlc.io.peft import read_adapter
 
-PREFIX = "base_model.model."
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Each stacked module and the parts it was built from, in stacking order (mlc.models.transformer.fuse_projections).
 STACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _ids = itertools.count(1)
@@ -107,49 +102,27 @@ class LoraSet:
 
     def read(self, name: str, path: Path) -> LoraAdapter:
         """Read and check a PEFT adapter against the served model (InputError naming what does not fit)."""
-        config_file = path / "adapter_config.json"
-        if not config_file.is_file():
-            raise InputError(f"LoRA {name}: {path} is not a PEFT adapter (no adapter_config.json)", "give the directory `mlc train` or peft saved")
+        fold = "fold it into the model with `mlc merge lora` and serve that"
         try:
-            config = json.loads(config_file.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise InputError(f"LoRA {name}: {config_file} is not JSON ({e})", "give the directory `mlc train` or peft saved") from None
-        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-            raise InputError(f"LoRA {name}: only plain LoRA adapters are served (this is {config.get('peft_type')}"
-                             f"{', DoRA' if config.get('use_dora') else ''})", "fold it into the model with `mlc merge lora` and serve that")
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            raise InputError(f"LoRA {name}: {path} has no {ADAPTER_WEIGHTS}", "save the adapter as safetensors")
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path / ADAPTER_WEIGHTS))
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, t in tensors.items():
-            rest = re.sub(r"\.(lora_[AB])\.default", r".\1", key.removeprefix(PREFIX))
-            m = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", rest)
-            if m is None:
-                raise InputError(f"LoRA {name}: {key} is not a LoRA matrix of a Linear (embeddings, biases and modules_to_save "
-                                 "are not served unfolded)", "fold it into the model with `mlc merge lora` and serve that")
-            parts.setdefault(m.group(1), {})[m.group(2)] = t
+            peft = read_adapter(path)
+        except InputError as e:
+            raise InputError(f"LoRA {name}: {e.message}", e.hint) from None
+        if problems := peft.problems():
+            raise InputError(f"LoRA {name}: only plain LoRA adapters are served ({problems[0]})", fold)
+        if others := sorted(set(peft.targets()) - set(peft.linear)):
+            raise InputError(f"LoRA {name}: it changes {others[0]}, not with a LoRA pair of a Linear (embeddings, biases and "
+                             "modules_to_save are not served unfolded)", fold)
         pieces: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # wrapped module -> part -> (A, B * scale)
         rank = 0
-        for module, ab in parts.items():
-            if set(ab) != {"lora_A", "lora_B"}:
-                raise InputError(f"LoRA {name}: {module} has only {', '.join(ab)}", "the adapter is incomplete")
-            a, b = ab["lora_A"].float(), ab["lora_B"].float()
-            if config.get("fan_in_fan_out"):
-                a, b = b.T, a.T
+        for weight in peft.linear:
+            module = weight.removesuffix(".weight")
+            a, b = peft.linear_pair(weight)
             wrapped, part = self._place(module)
             if wrapped is None:
                 raise InputError(f"LoRA {name}: targets {module}, which the served model has no Linear for", "check the adapter's base model")
-            r = a.shape[0]
-            r_cfg = _pattern(config.get("rank_pattern") or {}, module, config.get("r", r))
-            alpha = _pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", r_cfg))
-            scale = alpha / math.sqrt(r_cfg) if config.get("use_rslora") else alpha / r_cfg
-            pieces.setdefault(wrapped, {})[part] = (a, b * scale)
-            rank = max(rank, r)
-        weights = {}
-        for wrapped, by_part in pieces.items():
-            weights[wrapped] = self._stack(name, wrapped, by_part)
+            pieces.setdefault(wrapped, {})[part] = (a, b * peft.scale(module))
+            rank = max(rank, a.shape[0])
+        weights = {wrapped: self._stack(name, wrapped, by_part) for wrapped, by_part in pieces.items()}
         if not weights:
             raise InputError(f"LoRA {name}: {path} holds no LoRA matrices", "check the adapter directory")
         return LoraAdapter(name, path, weights, rank)
@@ -208,11 +181,3 @@ def _part_sizes(out_features: int, parts: list[str], model: nn.Module, wrapped: 
     if parts[0] == "q_proj":
         return [c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.num_key_value_heads * c.head_dim]
     return [out_features // 2, out_features // 2]
-
-
-def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rule for rank_pattern / alpha_pattern: the module name ends with the key (a regex, at a dot boundary)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
