@@ -35,6 +35,7 @@ from mlc.commands.serve import protocol as P
 from mlc.commands.serve.engine import Engine
 from mlc.commands.serve.job import Job, check_ids
 from mlc.commands.serve.metrics import CONTENT_TYPE, ServeMetrics
+from mlc.commands.serve.tools import chat_for_template, tool_spec
 from mlc.errors import MlcError
 
 log = logging.getLogger("mlc.serve")
@@ -272,11 +273,11 @@ def build_app(state: ServerState) -> FastAPI:
         """OpenAI chat completions (streamed as server-sent events with stream: true)."""
         engine = state.ready()
         adapter = _check_model(state, req.model)
-        call_schema = None
+        spec = None
         if req.tools is not None:
-            call_schema = P.tool_schema(req.tools, req.tool_choice)
-            if call_schema is not None and req.response_format is not None:
-                raise P.bad("response_format", "cannot be combined with a forced tool call")
+            spec = tool_spec(req.tools, req.tool_choice, req.parallel_tool_calls, state.grammars)
+            if spec.schema is not None and req.response_format is not None:
+                raise P.bad("response_format", "cannot be combined with a forced tool call (tool_choice required or a named function)")
         elif req.tool_choice is not None:
             raise P.bad("tool_choice", "needs tools")
         if req.top_logprobs is not None and not req.logprobs:
@@ -286,12 +287,12 @@ def build_app(state: ServerState) -> FastAPI:
         if not prompt:
             raise P.bad("messages", "the chat template rendered no tokens")
         response_format = req.response_format.model_dump(by_alias=True) if req.response_format is not None else None
-        if call_schema is not None:
-            response_format = {"type": "json_schema", "json_schema": {"name": "tool_call", "schema": call_schema}}
+        if spec is not None and spec.schema is not None:
+            response_format = {"type": "json_schema", "json_schema": {"name": "tool_calls", "schema": spec.schema}}
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, state.max_model_len - len(prompt))
-        job = Job(state, engine, "chat.completion", req, [prompt], max_tokens, logprobs, response_format, call_schema is not None,
-                  adapter=adapter)
+        job = Job(state, engine, "chat.completion", req, [prompt], max_tokens, logprobs, response_format,
+                  spec if spec is not None and spec.mode != "none" else None, adapter=adapter)
         return await job.respond(request)
 
     if state.allow_runtime_lora:
@@ -427,9 +428,9 @@ def _check_model(state: ServerState, model: str | None, required: bool = True, a
 
 
 def _render_chat(state: ServerState, messages: list[P.Message], add_generation_prompt: bool, tools: list | None = None) -> list[int]:
+    chat, tools = chat_for_template(messages, tools, state.tokenizer.chat_template)
     try:
-        return state.tokenizer.apply_chat_template([m.for_template() for m in messages], add_generation_prompt=add_generation_prompt,
-                                                   tokenize=True, tools=tools)
+        return state.tokenizer.apply_chat_template(chat, add_generation_prompt=add_generation_prompt, tokenize=True, tools=tools)
     except MlcError as e:
         raise P.bad("messages", e.message) from None
     except Exception as e:  # noqa: BLE001 - the template is the model's code: any failure means it cannot render these messages

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from mlc.commands.serve import protocol as P
 from mlc.commands.serve.engine import Engine, GenerationRequest, SeqEvent
+from mlc.commands.serve.tools import ToolCallParser, ToolSpec
 from mlc.errors import ValidationError
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ class _Choice:
     stop_reason: Any = None
     error: str | None = None
     started: bool = False
+    tools: ToolCallParser | None = None  # reads tool calls out of the text (chat with tools)
 
 
 class Job:
@@ -55,9 +57,9 @@ class Job:
     """
 
     def __init__(self, state: ServerState, engine: Engine, kind: str, req: Any, prompts: list[list[int]], max_tokens: int,
-                 logprobs: int | None, response_format: dict[str, Any] | None = None, tool_call: bool = False, adapter: Any = None):
+                 logprobs: int | None, response_format: dict[str, Any] | None = None, tools: ToolSpec | None = None, adapter: Any = None):
         self.state, self.engine, self.kind, self.req = state, engine, kind, req
-        self.prompts, self.logprobs, self.tool_call = prompts, logprobs, tool_call
+        self.prompts, self.logprobs, self.tools = prompts, logprobs, tools
         self.n = req.n
         self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -97,7 +99,7 @@ class Job:
             for i, p in enumerate(prompts)
         ]
         self.slot = {r.request_id: i for i, r in enumerate(self.requests)}
-        self.choices = [_Choice() for _ in range(len(prompts) * self.n)]
+        self.choices = [_Choice(tools=tools.parser() if tools is not None else None) for _ in range(len(prompts) * self.n)]
         self.cached = 0  # prompt tokens found in the prefix cache
         self.queue: asyncio.Queue[SeqEvent] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
@@ -174,8 +176,9 @@ class Job:
             reason = c.finish_reason
             if chat:
                 message: dict[str, Any] = {"role": "assistant", "content": c.text}
-                if self.tool_call and reason == "stop":
-                    message, reason = {"role": "assistant", "content": None, "tool_calls": [self._tool_call(c.text)]}, "tool_calls"
+                if c.tools is not None:
+                    c.tools.feed(c.text, final=True)
+                    message, reason = c.tools.message(), _tools_reason(c.tools, reason)
                 choice = {"index": i, "message": message, "finish_reason": reason, "stop_reason": c.stop_reason}
                 choice["logprobs"] = {"content": self._chat_logprobs(c.logprobs)} if self.logprobs is not None else None
             else:
@@ -211,13 +214,14 @@ class Job:
                 if not c.started:
                     c.started = True
                     yield chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
-                if self.tool_call:  # the call is sent whole, once its JSON is complete
-                    if ev.finish_reason == "stop":
-                        call = {"index": 0, **self._tool_call(c.text)}
-                        yield chunk({"index": i, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None})
-                        yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": "tool_calls"})
-                    elif ev.finish_reason is not None:
-                        yield chunk({"index": i, "delta": {"content": c.text}, "logprobs": None, "finish_reason": ev.finish_reason})
+                if c.tools is not None:  # text and calls as the parser reads them out of the text so far
+                    delta = c.tools.feed(ev.text, final=ev.finish_reason is not None)
+                    lp = {"content": self._chat_logprobs(ev.logprobs)} if self.logprobs is not None and ev.logprobs else None
+                    if delta or lp:
+                        yield chunk({"index": i, "delta": delta, "logprobs": lp, "finish_reason": None})
+                    if ev.finish_reason is not None:
+                        yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": _tools_reason(c.tools, ev.finish_reason),
+                                     "stop_reason": ev.stop_reason})
                     continue
                 if ev.text or ev.logprobs:
                     lp = {"content": self._chat_logprobs(ev.logprobs)} if self.logprobs is not None else None
@@ -238,10 +242,6 @@ class Job:
             body = {"id": self.id, "object": obj, "created": self.created, "model": self.req.model, "choices": [], "usage": self.usage()}
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
-
-    def _tool_call(self, text: str) -> dict[str, Any]:
-        call = json.loads(text)  # the grammar guarantees {"name": ..., "arguments": {...}}
-        return {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
@@ -266,6 +266,11 @@ class Job:
             "top_logprobs": [{self._token_text(t): _finite(lp) for t, lp in (r.top or [])} for r in results],
             "text_offset": offsets,
         }
+
+
+def _tools_reason(parser: ToolCallParser, reason: str | None) -> str | None:
+    """finish_reason tool_calls for an output that ended normally with calls in it."""
+    return "tool_calls" if parser.calls and reason == "stop" else reason
 
 
 def _finite(logprob: float | None) -> float | None:

@@ -243,7 +243,7 @@ Message = Annotated[Union[SystemMessage, UserMessage, AssistantMessage, ToolMess
 
 
 class FunctionDef(_Strict):
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="letters, digits, _ and - (as OpenAI)")
     description: str | None = None
     parameters: dict[str, Any] = {"type": "object"}
     strict: bool | None = None
@@ -270,9 +270,10 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: NumLogprobs | None = None
     tools: list[Tool] | None = Field(None, min_length=1)
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = Field(
-        None, description="auto is refused: tool calls are not parsed from free text; use required, a named function or none"
+        None, description="auto (the default with tools): calls parsed from the output; required or a named function: forced "
+        "by a grammar; none: no calls"
     )
-    parallel_tool_calls: bool | None = Field(None, description="at most one call is made")
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
 
 
 class TokenizeRequest(_Request):
@@ -336,31 +337,6 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
-
-
-def tool_schema(tools: list[Tool], tool_choice: Any) -> dict[str, Any] | None:
-    """The JSON schema a forced tool call must follow, or None when no call is wanted (tool_choice none).
-
-    A call is {"name": ..., "arguments": {...}}. tool_choice "required" allows any listed function,
-    {"type": "function", "function": {"name": N}} only N. "auto" would need the model's own
-    tool-call syntax parsed out of free text, which differs per model: it is refused, not guessed.
-    """
-    functions = {t.function.name: t.function.parameters for t in tools}
-    if tool_choice == "none":
-        return None
-    if tool_choice == "required":
-        names = list(functions)
-    elif isinstance(tool_choice, NamedToolChoice):
-        names = [tool_choice.function.name]
-        if names[0] not in functions:
-            raise bad("tool_choice", f"names function {names[0]!r}, which is not in tools")
-    else:
-        raise bad("tool_choice", "auto is not supported (tool calls are not parsed from free text); use required, a named function, or none")
-    calls = [
-        {"type": "object", "properties": {"name": {"const": n}, "arguments": functions[n]}, "required": ["name", "arguments"], "additionalProperties": False}
-        for n in names
-    ]
-    return calls[0] if len(calls) == 1 else {"anyOf": calls}
 
 
 def param_path(loc: tuple[Any, ...], body: Any, missing: bool, discriminator: str | None = None) -> str | None:
