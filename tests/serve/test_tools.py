@@ -314,3 +314,35 @@ def test_a_bad_tool_request_gets_a_400_naming_the_field(tools_server, change, pa
     with pytest.raises(openai.BadRequestError) as e:
         tools_server.client().chat.completions.create(**body)
     assert e.value.body["param"] == param, e.value.body
+
+
+def test_the_required_grammar_accepts_exactly_the_calls_that_follow_the_schemas(tiny_chat_model):
+    """Checked on llguidance itself: vLLM's call array, compact, each function's $defs moved to the root where its $refs point."""
+    from mlc.commands.serve.protocol import Tool
+    from mlc.commands.serve.structured import GrammarFactory
+    from mlc.commands.serve.tools import tool_spec
+    from mlc.models.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_chat_model)
+    grammars = GrammarFactory(tok.backend.to_str(), tok.vocab_size, tok.eos_token_ids)
+    place = {"type": "object", "properties": {"at": {"$ref": "#/$defs/city"}}, "required": ["at"], "additionalProperties": False,
+             "$defs": {"city": {"enum": ["Paris", "Rome"]}}}
+    tools = [Tool.model_validate(t) for t in (TIME, {"type": "function", "function": {"name": "visit", "parameters": place}})]
+    spec = tool_spec(tools, "required", None, grammars)
+    grammar = grammars.grammar({"type": "json_schema", "json_schema": {"name": "calls", "schema": spec.schema}})
+
+    def accepted(text):
+        matcher = grammars.matcher(grammar)
+        ids = tok.encode(text, add_special_tokens=False)
+        return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
+
+    assert accepted('[{"name": "visit", "parameters": {"at": "Rome"}}, {"name": "get_time", "parameters": {"tz": "UTC"}}]')
+    for wrong in ['[]', '[{"name": "visit", "parameters": {"at": "Oslo"}}]', '[{"name": "get_date", "parameters": {}}]',
+                  '[{"name": "get_time", "parameters": {"tz": "UTC", "x": 1}}]', '[{"name":"get_time","parameters":{"tz":"UTC"}}]',
+                  '{"name": "get_time", "parameters": {"tz": "UTC"}}']:
+        assert not accepted(wrong), wrong
+    one = tool_spec(tools, "required", False, grammars).schema
+    single = grammars.grammar({"type": "json_schema", "json_schema": {"name": "calls", "schema": one}})
+    matcher = grammars.matcher(single)
+    two = tok.encode('[{"name": "get_time", "parameters": {"tz": "UTC"}}, {"name"', add_special_tokens=False)
+    assert matcher.try_consume_tokens(two) < len(two)  # parallel_tool_calls false: one call only
