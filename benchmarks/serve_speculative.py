@@ -1,11 +1,16 @@
-"""Speculative decoding (n-gram prompt lookup) in `mlc serve`, measured with `mlc bench serve`: with and without drafts.
+"""Speculative decoding in `mlc serve` (n-gram prompt lookup, or a draft model), measured with `mlc bench serve`:
+with and without drafts.
 
     .venv/bin/python benchmarks/serve_speculative.py [--rounds 2] [--num-prompts 4] [--spec 5] [--dtype bfloat16]
+    .venv/bin/python benchmarks/serve_speculative.py --draft-quant int8 [--draft-layers N] --spec 4 ...   # a draft model
 
 Two tasks on SmolLM2-135M-Instruct, one request at a time (batch-1 decode, where drafts pay most):
   copy  a copy-heavy task: chat requests "Copy the following text exactly" over paragraphs of mlc's bundled
         eval corpus (mlc/data/corpus/eval.txt), greedy, --output-len tokens (128);
   chat  mlc's bundled chat corpus (`mlc bench serve --dataset chat`), greedy, --output-len tokens.
+Draft model mode (--draft-layers N and/or --draft-quant SCHEME): there is no smaller SmolLM2 here, so the draft is
+made from SmolLM2 itself: its first N decoder layers with its final norm and head (--draft-layers), and/or quantised
+by `mlc quantize --scheme SCHEME --quantize-head` (int8 or int4); the speculative runs add `--draft` to mlc serve.
 Each round starts `mlc serve` without and with `--num-speculative-tokens`, in alternating order (the machine's
 speed drifts), runs `mlc bench serve --base-url ...` against it, and reads the acceptance rate from the server's
 /metrics (vllm:spec_decode_num_accepted_tokens_total / vllm:spec_decode_num_draft_tokens_total). Reported: the
@@ -56,10 +61,30 @@ def counters(port: int) -> dict[str, float]:
     return out
 
 
+def make_draft(model: Path, args: argparse.Namespace, work: Path) -> Path:
+    """SmolLM2's first --draft-layers layers with its final norm and head, quantised by --draft-quant."""
+    from mlc.models import load_model, save_model
+
+    draft = model
+    if args.draft_layers:
+        m = load_model(model)
+        m.model.layers = m.model.layers[: args.draft_layers]
+        m.config = m.config.with_updates(num_hidden_layers=args.draft_layers)
+        draft = save_model(m, work / f"draft-{args.draft_layers}-layers")
+    if args.draft_quant:
+        out = work / f"draft-{args.draft_quant}"
+        subprocess.run([sys.executable, "-m", "mlc", "quantize", str(draft), "--scheme", args.draft_quant, "--quantize-head", "--no-eval", "--out", str(out)],
+                       check=True, env={**os.environ, "MLC_RUNS_DIR": str(work / "runs")}, stdout=subprocess.DEVNULL)
+        draft = out
+    return draft
+
+
 def measure(model: Path, spec: int, task: str, dataset: Path, args: argparse.Namespace, work: Path) -> dict:
     port = 20000 + os.getpid() % 1000
     cmd = [sys.executable, "-m", "mlc", "serve", str(model), "--port", str(port), "--dtype", args.dtype, "--kv-cache-memory", "256MiB",
            "--max-model-len", "2048", "--num-speculative-tokens", str(spec)]
+    if spec and args.draft is not None:
+        cmd += ["--draft", str(args.draft)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "MLC_RUNS_DIR": str(work / "runs")}
@@ -101,10 +126,14 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--tasks", default="copy,chat")
     ap.add_argument("--threads", type=int, default=None, help="mlc serve --threads (1 on a machine other jobs oversubscribe).")
+    ap.add_argument("--draft-layers", type=int, default=0, help="Draft model: SmolLM2's first N layers, final norm and head (0: all).")
+    ap.add_argument("--draft-quant", choices=["int8", "int4"], default=None, help="Draft model: quantised (head included) by mlc quantize.")
     args = ap.parse_args()
     model = smollm2_hf_dir()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        args.draft = make_draft(model, args, work) if args.draft_layers or args.draft_quant else None
+        print(json.dumps({"loadavg": Path("/proc/loadavg").read_text().split()[:3], "draft": args.draft and args.draft.name}), flush=True)
         dataset = work / "copy.jsonl"
         copy_dataset(dataset, args.num_prompts)
         for task in args.tasks.split(","):
@@ -118,7 +147,7 @@ def main() -> None:
             base = statistics.median(x["output_throughput"] for x in runs[0])
             fast = statistics.median(x["output_throughput"] for x in runs[args.spec])
             acc = [x["acceptance"] for x in runs[args.spec] if x["acceptance"] is not None]
-            print(json.dumps({"task": task, "tokens_per_s_without": base, "tokens_per_s_with": fast, "speedup": fast / base,
+            print(json.dumps({"task": task, "loadavg": Path("/proc/loadavg").read_text().split()[:3], "tokens_per_s_without": base, "tokens_per_s_with": fast, "speedup": fast / base,
                               "tpot_ms_without": statistics.median(x["mean_tpot_ms"] for x in runs[0]),
                               "tpot_ms_with": statistics.median(x["mean_tpot_ms"] for x in runs[args.spec]),
                               "acceptance_rate": statistics.median(acc) if acc else None}), flush=True)

@@ -76,7 +76,7 @@ class SequenceSampler:
             self.seen[token] = True
 
 
-def _process_row(row: torch.Tensor, s: SequenceSampler, allowed: torch.Tensor | None) -> None:
+def process_row(row: torch.Tensor, s: SequenceSampler, allowed: torch.Tensor | None) -> None:
     """Apply penalties, bias and the grammar mask to one row of logits, in place."""
     p = s.params
     if s.counts is not None:
@@ -93,6 +93,13 @@ def _process_row(row: torch.Tensor, s: SequenceSampler, allowed: torch.Tensor | 
 
 def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> int:
     """A random token from one processed row under temperature, top_k, top_p and min_p."""
+    probs = distribution(row, p)
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int(torch.argmax(probs / noise))
+
+
+def distribution(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The probabilities a non-greedy draw uses: one processed row under temperature, top_k, top_p and min_p."""
     logits = row / p.temperature
     if p.top_k > 0 and p.top_k < logits.numel():
         kth = torch.topk(logits, p.top_k).values[-1]
@@ -105,8 +112,9 @@ def _draw(row: torch.Tensor, p: SamplingParams, generator: torch.Generator) -> i
         probs = probs.index_fill(0, order[drop], 0.0)
     if p.min_p > 0.0:
         probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int(torch.argmax(probs / noise))
+    if p.top_p < 1.0 or p.min_p > 0.0:
+        probs = probs / probs.sum()
+    return probs
 
 
 def sample(
@@ -122,7 +130,7 @@ def sample(
         logits = logits.clone()
         for i, s in enumerate(samplers):
             if needs_processing[i]:
-                _process_row(logits[i], s, allowed[i])
+                process_row(logits[i], s, allowed[i])
     greedy = [s.params.greedy for s in samplers]
     tokens = [0] * len(samplers)
     if any(greedy):

@@ -52,8 +52,12 @@ def serve(
         False, "--allow-runtime-lora", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (reads paths on this host)."
     ),
     num_speculative_tokens: int = typer.Option(
-        0, min=0, help="Speculative decoding: up to N draft tokens per step by n-gram prompt lookup (0: off). Same output "
-        "distribution; greedy output identical; faster when replies copy from the prompt.",
+        0, min=0, help="Speculative decoding: up to N draft tokens per step, from --draft or else by n-gram prompt lookup (0: off). "
+        "Same output distribution; greedy output identical; n-gram lookup pays when replies copy from the prompt.",
+    ),
+    draft: str = typer.Option(
+        None, help="A draft model (directory, run:<id>, Hub id) of MODEL's vocabulary that proposes the --num-speculative-tokens "
+        "tokens; MODEL verifies them by rejection sampling (same output distribution; greedy output identical).",
     ),
     vllm_arg: Optional[List[str]] = typer.Option(None, help="--engine vllm: one argument passed to `vllm serve` as is (repeatable)."),
     replicas: int = typer.Option(None, min=1, help="Serve N engine replicas on Ray Serve behind this endpoint (needs the ray extra)."),
@@ -87,6 +91,12 @@ def serve(
     if engine == "vllm" and num_speculative_tokens:
         raise MlcUsageError("--num-speculative-tokens is for mlc's engine",
                             """with --engine vllm, pass --vllm-arg=--speculative-config --vllm-arg '{"method": "ngram", "num_speculative_tokens": N}'""")
+    if draft is not None and engine == "vllm":
+        raise MlcUsageError("--draft is for mlc's engine", """with --engine vllm, pass --vllm-arg=--speculative-config --vllm-arg '{"model": "DRAFT", "num_speculative_tokens": N}'""")
+    if draft is not None and not num_speculative_tokens:
+        raise MlcUsageError("--draft needs --num-speculative-tokens N (the tokens it proposes per step)", "add e.g. --num-speculative-tokens 4")
+    if draft is not None and given:
+        raise MlcUsageError("--draft is not served by replicas yet", "serve it from one server (leave out --replicas)")
     if given and (lora or allow_runtime_lora):
         raise MlcUsageError("LoRA adapters are not served by replicas yet", "serve them from one server (leave out --replicas), or fold them (mlc merge lora)")
     if len(models) > 1:
@@ -98,6 +108,10 @@ def serve(
         if lora or allow_runtime_lora:
             raise MlcUsageError("--lora with several models: which model an adapter attaches to would be ambiguous",
                                 "serve adapters from a server with one base model")
+        if draft is not None:
+            raise MlcUsageError("--draft with several models: which model it drafts for would be ambiguous", "serve a draft with one model")
+    if draft is not None and max_memory is not None:
+        raise MlcUsageError("--max-memory does not count a draft model's weights yet", "leave out --max-memory with --draft")
     if max_memory is not None and (engine == "vllm" or given):
         raise MlcUsageError("--max-memory is for mlc's engine in one server", "leave it out with --engine vllm or replicas")
     if engine == "vllm":
@@ -118,6 +132,7 @@ def serve(
         models[0], host, port, names[0] if names else None, dtype, kv_cache_memory, block_size, max_batched_tokens, max_running,
         max_model_len, max_queue, api_key, prefix_caching, grace_period, threads, compile, list(lora or []), allow_runtime_lora,
         num_speculative_tokens=num_speculative_tokens, more_models=models[1:], more_served_names=names[1:], max_memory=max_memory,
+        draft=draft,
     )
     if (span := check_plan(replicas, min_replicas, max_replicas)) is not None:
         from mlc.commands.serve.replicas import ReplicaPlan, serve_replicas

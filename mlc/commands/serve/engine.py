@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mlc.commands.serve.blocks import KVBlockPool
+from mlc.commands.serve.draft import DraftModel, Proposal, sample_result, seeded_sampling
 from mlc.commands.serve.metrics import ServeMetrics
 from mlc.commands.serve.scheduler import Scheduler, Sequence
 from mlc.commands.serve.textstream import TextStream
@@ -50,7 +51,8 @@ class EngineConfig:
     # torch.compile the steps that are all decodes (the steady state; prefill steps stay eager, so the
     # many shapes of prompt chunks never wait on the compiler). See warm_up.
     compile: bool = False
-    # Speculative decoding by n-gram prompt lookup: up to this many draft tokens per decode step (0: off). See _verify.
+    # Speculative decoding: up to this many draft tokens per decode step (0: off), from the engine's draft model if it
+    # has one (draft.py, decided in _verify_proposals), else by n-gram prompt lookup (speculative.py, decided in _verify).
     speculative_tokens: int = 0
 
 
@@ -103,14 +105,20 @@ class SeqState:
     cached_tokens: int = 0
     drafts: list[int] = field(default_factory=list)  # this step's draft tokens (speculative decoding)
     ngrams: Any = None  # its NgramIndex (speculative.py), made at its first draft
+    proposal: Any = None  # this step's Proposal from the draft model (draft.py), or None
 
 
 class Engine:
     def __init__(self, model: Any, tokenizer: Any, config: EngineConfig, metrics: ServeMetrics | None = None, grammars: Any = None,
-                 lora: Any = None):
+                 lora: Any = None, draft: Any = None):
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.lora = lora  # a LoraSet (lora.py) whose wrappers the model runs through, or None
         mc = model.config
+        self.draft: DraftModel | None = None  # proposes the speculative tokens when given (draft: a model of the same vocabulary)
+        if draft is not None:
+            if draft.config.vocab_size != mc.vocab_size or not config.speculative_tokens:
+                raise ValueError("a draft model needs the model's vocabulary and speculative_tokens > 0")
+            self.draft = DraftModel(draft, config.num_blocks, config.block_size)
         dtype = next(model.parameters()).dtype
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             dtype = torch.bfloat16  # quantised weights: keep activations and the cache in bf16
@@ -466,8 +474,12 @@ class Engine:
             return
         plain, rows, row = [], [], 0
         speculative: list[tuple[Sequence, int]] = []
+        proposed: list[tuple[Sequence, int]] = []
         for seq in sampled:
-            if seq.owner.drafts:
+            if seq.owner.proposal is not None:
+                proposed.append((seq, row))
+                row += 1 + len(seq.owner.drafts)
+            elif seq.owner.drafts:
                 speculative.append((seq, row))
                 row += 1 + len(seq.owner.drafts)
             else:
@@ -485,6 +497,8 @@ class Engine:
                 seq.owner.drafts = []
                 if not seq.finished:
                     self._fail(seq, e, "verifying draft tokens")
+        if proposed:
+            self._verify_proposals(proposed, logits, done)
         if not plain:
             return
         results = self._sample(logits if len(plain) == row else logits[rows], plain)
@@ -501,7 +515,9 @@ class Engine:
                 self._fail(seq, e, "handing out a token")
 
     def _draft(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
-        """Give decodes draft tokens by n-gram prompt lookup, within the step's token budget and the blocks free."""
+        """Give decodes draft tokens by n-gram prompt lookup (or the draft model's), within the step's token budget and the blocks free."""
+        if self.draft is not None:
+            return self._propose(plan)
         from mlc.commands.serve.speculative import NgramIndex
 
         spare = self.config.max_batched_tokens - sum(n for _, n in plan)
@@ -549,6 +565,110 @@ class Engine:
                 return
             self.metrics.spec_accepted_tokens.inc()
             self.scheduler.complete(seq, 1)  # the accepted draft's keys and values were computed in this step
+
+    def _propose(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Give decodes the draft model's proposals (draft.py), within the step's token budget and the blocks free.
+
+        A sequence without room for drafts still gets an empty proposal when it samples with a seed, so that every token
+        of a seeded request is decided by the same rule (see draft.py). Requests with a grammar decode without drafts.
+        """
+        spare = self.config.max_batched_tokens - sum(n for _, n in plan)
+        items: list[tuple[Sequence, Any, int]] = []
+        for seq, n in plan:
+            st: SeqState = seq.owner
+            st.drafts, st.proposal = [], None
+            if n == 1 and st.matcher is None and seq.num_computed + 1 == len(seq.tokens):
+                k = max(0, min(self.config.speculative_tokens, spare, st.request.max_tokens - len(st.output) - 1,
+                               self.config.max_model_len - len(seq.tokens) - 1))
+                if k and not self.scheduler.reserve(seq, 1 + k):
+                    k = 0
+                if k or seeded_sampling(st.sampler):
+                    items.append((seq, st.sampler, k))
+                    spare -= k
+        if items:
+            try:
+                proposals = self.draft.propose(items)
+            except Exception as e:  # noqa: BLE001 - this step decodes without drafts
+                log.warning("the draft model failed; decoding this step without drafts: %s", _describe(e))
+                for seq, _, _ in items:
+                    seq.num_draft_computed = min(seq.num_draft_computed, len(seq.tokens))  # drop drafts' keys and values
+                proposals = []
+            for (seq, _, _), prop in zip(items, proposals):
+                seq.owner.proposal, seq.owner.drafts = prop, prop.tokens
+        return [(seq, 1 + len(seq.owner.drafts)) if seq.owner.proposal is not None else (seq, n) for seq, n in plan]
+
+    def _verify_proposals(self, items: list[tuple[Sequence, int]], logits: torch.Tensor, now: float) -> None:
+        """Decide the draft model's proposals by rejection sampling (draft.py); row `start` of logits is each one's p_1.
+
+        Sequences whose last position waits for the draft's distribution there (seeded sampling, all drafts kept) get
+        it from one more draft call, batched.
+        """
+        waiting: list[tuple[Sequence, torch.Tensor]] = []
+        for seq, start in items:
+            st: SeqState = seq.owner
+            prop, st.proposal, st.drafts = st.proposal, None, []
+            if seq.finished:  # a sibling failed earlier in this step
+                continue
+            try:
+                if self._verify_proposal(seq, prop, logits[start : start + 1 + len(prop.tokens)], now):
+                    waiting.append((seq, logits[start + len(prop.tokens)]))
+            except Exception as e:  # noqa: BLE001
+                if not seq.finished:
+                    self._fail(seq, e, "verifying draft tokens")
+        if not waiting:
+            return
+        try:
+            rows = self.draft.logits([(seq, []) for seq, _ in waiting])
+        except Exception as e:  # noqa: BLE001 - the last position draws from the model's distribution alone
+            log.warning("the draft model failed; drawing the bonus tokens without it: %s", _describe(e))
+            rows = None
+        for i, (seq, row) in enumerate(waiting):
+            if seq.finished:
+                continue
+            st = seq.owner
+            try:
+                position = len(seq.tokens)
+                if rows is None:
+                    token = self.draft.bonus(row, st.sampler, position)
+                else:
+                    drafted, q = self.draft.draw(rows[i], st.sampler, position)
+                    token, _ = self.draft.decide(row, st.sampler, q, drafted, position)
+                self._hand_out(seq, row, token, now)
+            except Exception as e:  # noqa: BLE001
+                if not seq.finished:
+                    self._fail(seq, e, "verifying draft tokens")
+
+    def _verify_proposal(self, seq: Sequence, prop: Proposal, logits: torch.Tensor, now: float) -> bool:
+        """Hand out the kept drafts and the token that ends the step; True when that last token waits for the draft."""
+        st: SeqState = seq.owner
+        k = len(prop.tokens)
+        if k:
+            self.metrics.spec_drafts.inc()
+            self.metrics.spec_draft_tokens.inc(k)
+        try:
+            for i in range(k + 1):
+                position = len(seq.tokens)
+                if i < k:
+                    token, kept = self.draft.decide(logits[i], st.sampler, prop.probs[i], prop.tokens[i], position)
+                elif prop.bonus_from_draft:
+                    return True
+                else:
+                    token, kept = self.draft.bonus(logits[i], st.sampler, position), False
+                self._hand_out(seq, logits[i], token, now)
+                if seq.finished or not kept:
+                    return False
+                self.metrics.spec_accepted_tokens.inc()
+                self.scheduler.complete(seq, 1)  # the kept draft's keys and values were computed in this step
+            return False
+        finally:
+            # The draft's cache is right up to the last token handed out (every earlier one was its own draft).
+            seq.num_draft_computed = min(seq.num_draft_computed, len(seq.tokens) - 1)
+
+    def _hand_out(self, seq: Sequence, row: torch.Tensor, token: int, now: float) -> None:
+        st: SeqState = seq.owner
+        st.sampler.record(token)
+        self.metrics.generation_tokens.inc()
+        self._advance(seq, st, sample_result(row, token, st.sampler), now)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult | BaseException]:
         """One result per sequence: batched; after a fault, one sequence at a time from the saved random state."""

@@ -30,6 +30,8 @@ class Sequence:
     leader: Sequence | None = None  # for n > 1: the sibling whose prompt blocks this one shares
     owner: Any = None  # the engine's per-sequence state (sampling, output stream)
     num_computed: int = 0  # leading tokens whose keys and values are in the cache
+    # With a draft model (draft.py): leading tokens whose keys and values are in the draft's cache (the same blocks).
+    num_draft_computed: int = 0
     blocks: list[int] = field(default_factory=list)
     num_registered: int = 0  # leading blocks registered in the prefix cache
     parent_hash: int = NO_PARENT  # hash of the last registered block
@@ -175,7 +177,7 @@ class Scheduler:
     def _reset(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks)
         seq.blocks = []
-        seq.num_computed = seq.num_registered = 0
+        seq.num_computed = seq.num_registered = seq.num_draft_computed = 0
         seq.parent_hash = seq.root_hash
 
     def _preempt(self, seq: Sequence) -> None:

@@ -39,6 +39,7 @@ class ServeConfig:
     more_models: list[str] = field(default_factory=list)  # further models (mlc serve A B ...), each loaded on its first request
     more_served_names: list[str] = field(default_factory=list)  # their --served-model-name, in order (empty: the default names)
     max_memory: str | None = None  # weights + KV caches of the models in memory at once (None: no limit)
+    draft: str | None = None  # a draft model (path or reference) of the same vocabulary, for speculative decoding
 
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 1024, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -85,9 +86,10 @@ def parse_loras(specs: list[str], model_name: str) -> list[tuple[str, str]]:
 
 
 def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: list[tuple[str, Path]] | None = None,
-                metrics: Any = None) -> tuple[Any, Any, Any]:
-    """(engine, tokenizer, grammar factory) for the model at path, with a KV pool sized by the config and the LoRA adapters given
-    (metrics: its ServeMetrics, when the server shares one registry between several models)."""
+                metrics: Any = None, draft_path: Path | None = None) -> tuple[Any, Any, Any]:
+    """(engine, tokenizer, grammar factory) for the model at path, with a KV pool sized by the config, the LoRA adapters and
+    the draft model given (the KV budget covers the draft's cache too; metrics: its ServeMetrics, when the server shares
+    one registry between several models)."""
     import torch
 
     from mlc.commands.serve.engine import Engine, EngineConfig
@@ -119,6 +121,12 @@ def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: lis
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         dtype = torch.bfloat16
     per_block = PagedKVStore.bytes_per_block(mc.num_hidden_layers, cfg.block_size, mc.num_key_value_heads, mc.head_dim, dtype)
+    draft = None
+    if draft_path is not None:
+        from mlc.commands.serve.draft import kv_bytes_per_block, load_draft
+
+        draft = load_draft(draft_path, None if cfg.dtype == "auto" else cfg.dtype)
+        per_block += kv_bytes_per_block(draft, cfg.block_size)
     num_blocks = budget // per_block
     capacity = num_blocks * cfg.block_size
     max_len = cfg.max_model_len or min(mc.max_position_embeddings, capacity)
@@ -131,10 +139,14 @@ def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: lis
             f"a KV cache of {budget / 2**20:.0f} MiB holds {capacity} tokens, fewer than --max-model-len {max_len}",
             "raise --kv-cache-memory or lower --max-model-len",
         )
+    if draft is not None:
+        from mlc.commands.serve.draft import check_draft
+
+        check_draft(draft, model, max_len)
     config = EngineConfig(num_blocks, cfg.block_size, cfg.max_batched_tokens, cfg.max_running, max_len, cfg.enable_prefix_caching,
                           cfg.compile, cfg.num_speculative_tokens)
     grammars = GrammarFactory(tokenizer.backend.to_str(), mc.vocab_size, tokenizer.eos_token_ids)
-    engine = Engine(model, tokenizer, config, metrics or ServeMetrics(name, max_len), grammars, lora)
+    engine = Engine(model, tokenizer, config, metrics or ServeMetrics(name, max_len), grammars, lora, draft)
     return engine, tokenizer, grammars
 
 
@@ -161,13 +173,18 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
 
             check_fits(name, footprint(path, cfg.dtype, budget), parse_memory(cfg.max_memory, available_memory(), "--max-memory"))
         loras = [(n, run.add_input(ref, role=f"lora:{n}")) for n, ref in parse_loras(cfg.lora, name)]
+        draft_path = run.add_input(cfg.draft, role="draft") if cfg.draft else None
+        if draft_path is not None:
+            from mlc.commands.serve.draft import check_same_vocabulary
+
+            check_same_vocabulary(path, draft_path)  # before the server starts: a wrong draft is a one-line error
         state = ServerState(name, cfg.api_key, cfg.max_queue, record_input=run.add_input,
                             allow_runtime_lora=cfg.allow_runtime_lora, runs_root=run.root)
 
         def load() -> None:
             """Load the model, then run the engine loop in this same thread until the server stops."""
             try:
-                engine, tokenizer, grammars = load_engine(cfg, name, path, budget, loras)
+                engine, tokenizer, grammars = load_engine(cfg, name, path, budget, loras, draft_path=draft_path)
             except Exception as e:  # noqa: BLE001 - stop the server (there is nothing to serve); serve() re-raises it
                 state.load_error = e
                 server.should_exit = True
