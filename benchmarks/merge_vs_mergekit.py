@@ -7,9 +7,9 @@
 gradient-slerp, orcamini-platy-44layer, arcee_fusion) with their model names mapped to the SmolLM2
 variants and their 40-layer ranges scaled to SmolLM2's 30 layers. --old-rev times mlc at an older
 commit too (a detached worktree under the cache; 266836c^ is the last commit whose TIES/Breadcrumbs
-default was the approximate radix-select mode) on the TIES and Breadcrumbs rows. --scale-1b adds
+default was the approximate radix-select mode) on the TIES, Breadcrumbs and 1B rows. --scale-1b adds
 a linear merge of three random 1.24B-parameter bf16 Llama models (Llama-3.2-1B's shapes, made by
-this script; 10 GB of disk for the models, one 2.5 GB output at a time, outputs not compared).
+this script; 10 GB of disk for the models, 2.5 GB per tool's output, compared and then deleted).
 
 mergekit is the dev extra's (.venv/bin/mergekit-yaml, same torch as mlc), or else installed with pip into its own
 venv under the benchmark cache (~/.cache/mlc/bench/mergekit-venv, torch pinned to mlc's CPU build); mlc never imports it.
@@ -54,7 +54,7 @@ CONFIGS = {
     "breadcrumbs_bf16": {"merge_method": "breadcrumbs", "base_model": "base", "models": [{"model": f"v{i}", "parameters": {"weight": w}} for i, w in ((1, 0.5), (2, 0.3), (3, 0.2))], "parameters": {"density": 0.8, "gamma": 0.02}},
 }
 TIMED = ("ties_bf16", "linear_bf16", "breadcrumbs_bf16")
-OLD_ROWS = ("ties_bf16", "breadcrumbs_bf16", "example_ties")  # what --old-rev times (mlc's earlier approximate default)
+OLD_ROWS = ("ties_bf16", "breadcrumbs_bf16", "example_ties", "linear_1b")  # what --old-rev times (mlc's earlier approximate default)
 
 EXAMPLES = REPO / "tests" / "merge" / "mergekit_examples"
 EXAMPLE_MODELS = {  # mergekit's example model names -> the SmolLM2 variants (base models -> base)
@@ -250,16 +250,18 @@ def compare(a_dir: Path, b_dir: Path) -> dict[str, object]:
             per_tensor[k] = 0.0
             total += x.numel()
             continue
-        diff = (x.double() - y.double()).abs()
-        ulp = (torch.nextafter(y.float(), torch.tensor(float("inf"))).double() - y.double()).abs() if y.dtype == torch.float32 else None
-        if y.dtype == torch.bfloat16:
-            ulp = (y.float().abs().clamp_min(1e-38).log2().floor().exp2() * 2**-7).double()
-        if y.dtype == torch.float16:
-            ulp = (y.float().abs().clamp_min(2**-14).log2().floor().exp2() * 2**-10).double()
-        n_beyond = int((diff > ulp * 1.0000001).sum())
-        d = float(diff.max())
+        d, n_beyond = 0.0, 0
+        for xc, yc in zip(x.reshape(-1).split(2**22), y.reshape(-1).split(2**22)):  # in pieces: a 1B model's embedding in float64 is 2 GB
+            diff = (xc.double() - yc.double()).abs()
+            ulp = (torch.nextafter(yc.float(), torch.tensor(float("inf"))).double() - yc.double()).abs() if y.dtype == torch.float32 else None
+            if y.dtype == torch.bfloat16:
+                ulp = (yc.float().abs().clamp_min(1e-38).log2().floor().exp2() * 2**-7).double()
+            if y.dtype == torch.float16:
+                ulp = (yc.float().abs().clamp_min(2**-14).log2().floor().exp2() * 2**-10).double()
+            n_beyond += int((diff > ulp * 1.0000001).sum())
+            d = max(d, float(diff.max()))
         per_tensor[k] = d
-        worst, beyond, total = max(worst, d), beyond + n_beyond, total + diff.numel()
+        worst, beyond, total = max(worst, d), beyond + n_beyond, total + x.numel()
     return {
         "same_tensors": set(a) == set(b),
         "dtypes": sorted(dtypes),
@@ -310,8 +312,6 @@ def main() -> None:
             for tool in cmds:
                 shutil.rmtree(cmds[tool][1], ignore_errors=True)
                 samples[tool].append(timed(cmds[tool][0]))
-                if big:  # 2.5 GB each: one output on disk at a time (linear's bits are compared on the SmolLM2 rows)
-                    shutil.rmtree(cmds[tool][1], ignore_errors=True)
         row = {
             tool: {
                 "wall_s": statistics.median(w for w, _, _ in s),
@@ -324,22 +324,26 @@ def main() -> None:
         row["time_ratio"] = row["mlc"]["wall_s"] / row["mergekit"]["wall_s"]
         row["rss_ratio"] = row["mlc"]["peak_rss_mb"] / row["mergekit"]["peak_rss_mb"]
         row["cpu_ratio"] = row["mlc"]["cpu_s"] / row["mergekit"]["cpu_s"]
-        row["diff"] = {"max_abs_diff": float("nan"), "elements_beyond_1ulp": -1, "elements": 0, "dtypes": ["not compared"]} if big else compare(cmds["mlc"][1], cmds["mergekit"][1])
+        row["diff"] = compare(cmds["mlc"][1], cmds["mergekit"][1])
         if "mlc-old" in cmds:
             row["old_time_ratio"] = row["mlc-old"]["wall_s"] / row["mergekit"]["wall_s"]
+            row["old_cpu_ratio"] = row["mlc-old"]["cpu_s"] / row["mergekit"]["cpu_s"]
             row["old_diff"] = compare(cmds["mlc-old"][1], cmds["mergekit"][1])
+        if big:  # 2.5 GB each
+            for _, out in cmds.values():
+                shutil.rmtree(out, ignore_errors=True)
         results[name] = row
         d = row["diff"]
         print(
-            f"{name:22s} mlc {row['mlc']['wall_s']:6.2f}s {row['mlc']['peak_rss_mb']:6.0f}MB | mergekit {row['mergekit']['wall_s']:6.2f}s "
-            f"{row['mergekit']['peak_rss_mb']:6.0f}MB | time x{row['time_ratio']:.3f} rss x{row['rss_ratio']:.3f} cpu x{row['cpu_ratio']:.3f} | "
+            f"{name:22s} mlc {row['mlc']['wall_s']:6.2f}s {row['mlc']['cpu_s']:6.2f}s CPU {row['mlc']['peak_rss_mb']:6.0f}MB | mergekit {row['mergekit']['wall_s']:6.2f}s "
+            f"{row['mergekit']['cpu_s']:6.2f}s CPU {row['mergekit']['peak_rss_mb']:6.0f}MB | time x{row['time_ratio']:.3f} rss x{row['rss_ratio']:.3f} cpu x{row['cpu_ratio']:.3f} | "
             f"max|diff| {d['max_abs_diff']:.3g}, {d['elements_beyond_1ulp']} of {d['elements']} elements beyond 1 ulp ({','.join(d['dtypes'])})",
             flush=True,
         )
         if "mlc-old" in cmds:
             o = row["old_diff"]
             print(
-                f"{'':22s} mlc@{args.old_rev} {row['mlc-old']['wall_s']:6.2f}s {row['mlc-old']['peak_rss_mb']:6.0f}MB | time x{row['old_time_ratio']:.3f} "
+                f"{'':22s} mlc@{args.old_rev} {row['mlc-old']['wall_s']:6.2f}s {row['mlc-old']['cpu_s']:6.2f}s CPU {row['mlc-old']['peak_rss_mb']:6.0f}MB | time x{row['old_time_ratio']:.3f} cpu x{row['old_cpu_ratio']:.3f} "
                 f"| max|diff| {o['max_abs_diff']:.3g}, {o['elements_beyond_1ulp']} elements beyond 1 ulp",
                 flush=True,
             )

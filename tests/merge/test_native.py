@@ -83,3 +83,32 @@ def test_the_one_pass_combine_gives_the_bits_of_torchs_operations(dtype, consens
         bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
         assert torch.equal(native_out.view(bits), torch_out.view(bits))
         assert not bool(torch.signbit(native_out[:50]).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_linear_kernel_gives_the_bits_of_mergekits_torch_operations(dtype):
+    from mlc.commands.merge.methods.linear import SPLIT, linear
+
+    g = torch.Generator().manual_seed(7)
+    n = 2 * SPLIT + 4_099  # two threads' shares and a tail
+    xs = [(torch.randn(n, generator=g) * 0.02).to(dtype) for _ in range(3)]
+    for x in xs:
+        x[:64] = -0.0  # a sum from +0 of -0 products is +0
+    xs[0][64:96] = 1e-39  # subnormal
+    xs[2][100] = float("inf")
+    xs[1][SPLIT + 5_000] = float("nan")  # torch finishes the second thread's share from the NaN's chunk
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for weight, normalize in (([0.5, 0.3, 0.2], True), ([1.0, -0.7, 0.25], False)):
+            w = torch.tensor(weight)  # mergekit's linear: float32 accumulator, addcmul_ per model, div_, cast back
+            expected = torch.zeros(n)
+            for x, c in zip(xs, w):
+                expected.addcmul_(x, c)
+            if normalize:
+                expected.div_(w.sum())
+            got = linear([x.clone() for x in xs], None, {"weight": weight, "normalize": normalize})
+            bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+            assert got.dtype == dtype and torch.equal(got.view(bits), expected.to(dtype).view(bits))
+    finally:
+        torch.set_num_threads(threads)

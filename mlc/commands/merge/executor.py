@@ -10,6 +10,7 @@ tensors' worth, shared between concurrent jobs), whatever the model size.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from mlc.commands.merge import threads, tokenizer  # noqa: F401  threads first: it reads torch's default thread count
 from mlc.commands.merge.plan import Job, MergePlan
 from mlc.errors import MlcError
+from mlc.io.dense import DenseModel
+from mlc.io.safetensors_reader import TensorInfo
 from mlc.io.safetensors_writer import DEFAULT_MAX_SHARD_BYTES, ShardedWriter
 from mlc.rng import keyed_generator
 
@@ -90,7 +93,33 @@ def merge_job(plan: MergePlan, job: Job, tensors: list[torch.Tensor]) -> torch.T
 
 def read_job(plan: MergePlan, job: Job) -> list[torch.Tensor]:
     refs = job.inputs + ([job.base] if job.base is not None else [])
-    return [plan.models[m].tensors.read(name) for m, name in refs]
+    return [read_input(plan.models[m].tensors, name) for m, name in refs]
+
+
+MADV_POPULATE_READ = 22  # Linux 5.14+ (not in Python 3.11's mmap module)
+
+
+def read_input(model: DenseModel, name: str) -> torch.Tensor:
+    """One input tensor: mapped copy-on-write from its safetensors file when stored as is, else read.
+
+    A mapping copies nothing and faults no fresh pages: the page cache's pages are mapped in one call,
+    here in the reader thread (reading the file if it is not cached), and a method that writes to its
+    inputs gets private copies of the pages it writes. Reading into fresh memory instead cost most of
+    a 1B-parameter linear merge's CPU time (a page fault per 4 KiB, then the copy). As with the reads,
+    the mapped pages count in RSS until the tensor is freed. (Like mergekit's reads, which map the
+    files too, a file truncated during the merge would end it with SIGBUS.)
+    """
+    info = model.info(name)
+    if model.source != "hf" or not isinstance(info, TensorInfo) or info.nbytes == 0:
+        return model.read(name)
+    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    with open(info.file, "rb") as f:
+        m = mmap.mmap(f.fileno(), info.start + info.nbytes - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    try:
+        m.madvise(MADV_POPULATE_READ)
+    except (OSError, ValueError):
+        pass  # an older kernel: the pages are mapped on first touch instead
+    return torch.frombuffer(m, dtype=info.dtype, count=info.numel, offset=info.start - start).reshape(info.shape)
 
 
 def execute(

@@ -1,4 +1,4 @@
-"""sortselect.c (TIES' selection and combine), compiled on first use with the system C compiler and loaded with ctypes.
+"""sortselect.c (TIES' selection and combine, the linear weighted sum), compiled on first use with the system C compiler and loaded with ctypes.
 
 It is plain portable C (no -march), built once into the mlc cache under a name keyed by its source,
 the flags and the compiler, so a shared cache never loads a stale build. Without a compiler (or with
@@ -20,7 +20,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("sortselect.c")
-FLAGS = ["-O3", "-fno-trapping-math", "-shared", "-fPIC"]  # no traps assumed: lets the loops vectorise, results unchanged (torch builds so too)
+# No traps assumed: lets the loops vectorise, results unchanged (torch builds so too). No FMA contraction:
+# a multiply-add fuses only where torch's kernel fuses it (fmaf), so the bits are torch's on every CPU.
+FLAGS = ["-O3", "-fno-trapping-math", "-ffp-contract=off", "-shared", "-fPIC"]
+LIBS = ["-lm"]
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -30,7 +33,7 @@ def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE)], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE), *LIBS], capture_output=True, text=True)
         if proc.returncode != 0:
             last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             raise RuntimeError(f"{compiler} failed: {last}")
@@ -48,7 +51,7 @@ def _load() -> ctypes.CDLL | None:
     from mlc.paths import cache_dir
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + LIBS), version]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"sortselect-{key}.so"
     try:
         if not target.is_file():
@@ -65,6 +68,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mlc_apply_keep.restype = None
     lib.mlc_combine.argtypes = [ctypes.c_int, p, ctypes.c_int, p, p, p, i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float]
     lib.mlc_combine.restype = i64
+    lib.mlc_linear.argtypes = [ctypes.c_int, p, ctypes.c_int, p, p, i64, ctypes.c_int, ctypes.c_float]
+    lib.mlc_linear.restype = i64
     return lib
 
 

@@ -17,6 +17,7 @@ mlc_sort_select returns 0, or 1 when it cannot answer (a NaN in the input, whose
 special-cases, or a subrange that exhausted the depth limit, where introsort switches to heapsort):
 the caller then sorts with torch itself. Tests compare every answer with torch.argsort.
 */
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -291,4 +292,55 @@ int64_t mlc_combine(int kind, const void *const *deltas, int m, const float *w, 
     if (m > MAX_MODELS) return 0;
     return kind == 1 ? combine_bf16(deltas, m, w, base, out, n, consensus, normalize, divisor, scale, lambda_)
                      : combine_f32(deltas, m, w, base, out, n, consensus, normalize, divisor, scale, lambda_);
+}
+
+/* ---- the linear merge's weighted sum, bfloat16 or float32 -------------------------------------------------
+
+out = (x_0 * w_0 + x_1 * w_1 + ...) / divisor in one pass over the inputs, rounded where mergekit's torch
+operations round it: a float32 accumulator from +0 takes each model in input order as torch's addcmul_
+does, with one fused multiply-add (acc + x * w rounded once; its CPU kernel uses FMA, tails included),
+is divided once (div_), then rounded to the output dtype (bfloat16: to nearest even). On x86 a copy
+built for AVX2 + FMA is picked at run time; elsewhere fmaf is the hardware's (aarch64) or libm's.
+Returns n, or the (chunk-aligned) count of elements written before a chunk with a NaN result, whose bits
+torch's conversions set differently by path: the caller finishes with torch. */
+
+#define DEFINE_LINEAR(NAME, T, LOAD, STORE, TARGET)                                                             \
+    TARGET static int64_t NAME(const void *const *xs, int m, const float *w, void *out_, int64_t n,           \
+                               int normalize, float divisor) {                                                \
+        T *out = (T *)out_;                                                                                   \
+        float acc[COMBINE_CHUNK];                                                                             \
+        for (int64_t start = 0; start < n; start += COMBINE_CHUNK) {                                          \
+            const int len = (int)(start + COMBINE_CHUNK < n ? COMBINE_CHUNK : n - start);                     \
+            for (int j = 0; j < len; j++) acc[j] = 0.0f;                                                      \
+            for (int i = 0; i < m; i++) {                                                                     \
+                const T *x = (const T *)xs[i] + start;                                                        \
+                const float wi = w[i];                                                                        \
+                for (int j = 0; j < len; j++) acc[j] = fmaf(LOAD(x[j]), wi, acc[j]);                          \
+            }                                                                                                 \
+            if (normalize)                                                                                    \
+                for (int j = 0; j < len; j++) acc[j] = acc[j] / divisor;                                      \
+            int nan = 0;                                                                                      \
+            for (int j = 0; j < len; j++) nan |= acc[j] != acc[j];                                            \
+            if (nan) return start;                                                                            \
+            for (int j = 0; j < len; j++) out[start + j] = STORE(acc[j]);                                     \
+        }                                                                                                     \
+        return n;                                                                                             \
+    }
+
+DEFINE_LINEAR(linear_f32, float, F32_LOAD, F32_STORE, )
+DEFINE_LINEAR(linear_bf16, uint16_t, bf2f, f2bf, )
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define X86_FMA 1
+DEFINE_LINEAR(linear_f32_fma, float, F32_LOAD, F32_STORE, __attribute__((target("avx2,fma"))))
+DEFINE_LINEAR(linear_bf16_fma, uint16_t, bf2f, f2bf, __attribute__((target("avx2,fma"))))
+#endif
+
+/* kind 0: float32, 1: bfloat16 (inputs and output). w: each model's weight as float32; divisor: their float32
+   sum, used when normalize. */
+int64_t mlc_linear(int kind, const void *const *xs, int m, const float *w, void *out, int64_t n, int normalize, float divisor) {
+#ifdef X86_FMA
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        return kind == 1 ? linear_bf16_fma(xs, m, w, out, n, normalize, divisor) : linear_f32_fma(xs, m, w, out, n, normalize, divisor);
+#endif
+    return kind == 1 ? linear_bf16(xs, m, w, out, n, normalize, divisor) : linear_f32(xs, m, w, out, n, normalize, divisor);
 }
