@@ -85,7 +85,7 @@ def test_the_one_pass_combine_gives_the_bits_of_torchs_operations(dtype, consens
         assert not bool(torch.signbit(native_out[:50]).any())
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])  # float16: torch's path
 def test_the_linear_kernel_gives_the_bits_of_mergekits_torch_operations(dtype):
     from mlc.commands.merge.methods.linear import SPLIT, linear
 
@@ -108,7 +108,7 @@ def test_the_linear_kernel_gives_the_bits_of_mergekits_torch_operations(dtype):
             if normalize:
                 expected.div_(w.sum())
             got = linear([x.clone() for x in xs], None, {"weight": weight, "normalize": normalize})
-            bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+            bits = torch.int32 if dtype == torch.float32 else torch.int16
             assert got.dtype == dtype and torch.equal(got.view(bits), expected.to(dtype).view(bits))
     finally:
         torch.set_num_threads(threads)

@@ -31,13 +31,13 @@ def linear(models: list[torch.Tensor], base: torch.Tensor | None, params: dict[s
     bfloat16 and float32 inputs take sortselect.c's one-pass kernel, which rounds at the same steps (the
     same bits) without the float32 temporaries; torch's threads of this thread split the tensor.
     """
-    dtype = torch.float64 if models[0].dtype == torch.float64 else torch.float32
-    weights = torch.tensor(params["weight"], dtype=dtype)
+    dtype = models[0].dtype
+    weights = torch.tensor(params["weight"], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     divisor = weights.sum()
-    kind = _NATIVE.get(models[0].dtype)
+    kind = _NATIVE.get(dtype)
     lib = native.library()
-    if lib is None or kind is None or any(x.dtype != models[0].dtype or not x.is_contiguous() for x in models):
-        return _torch_linear(models, weights, divisor, params["normalize"]).to(models[0].dtype)
+    if lib is None or kind is None or any(x.dtype != dtype or not x.is_contiguous() for x in models):
+        return _torch_linear(models, weights, divisor, params["normalize"]).to(dtype)
     out = torch.empty_like(models[0])
     flats, flat_out = [x.view(-1) for x in models], out.view(-1)
     pointers = (ctypes.c_void_p * len(flats))(*[f.data_ptr() for f in flats])
