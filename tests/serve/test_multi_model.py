@@ -103,13 +103,16 @@ def test_each_request_goes_to_the_model_it_names_and_answers_as_that_model_alone
         t.join()
     assert answers == {"small": expected["small"], "big": expected["big"]}
     assert client.models.retrieve("big").id == "big"
+    stream = client.completions.create(model="big", prompt=PROMPTS["big"], max_tokens=MAX_TOKENS, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in stream if c.choices) == expected["big"]
     with pytest.raises(openai.NotFoundError) as e:
         complete(client, "medium", prompt_of="small")
     assert "'medium' does not exist" in str(e.value) and "'small', 'big', 'again', 'broken'" in str(e.value)
     assert http(server, "GET", "/v1/models/medium")[0] == 404
     assert http(server, "POST", "/v1/completions", {"model": "big", "prompt": "hi"}, key="wrong")[0] == 401
     per_model = {n: server.metrics(model_name=n)["vllm:generation_tokens_total"] for n in ("small", "big")}
-    assert per_model == {"small": 2 * MAX_TOKENS, "big": 3 * MAX_TOKENS}
+    assert per_model == {"small": 2 * MAX_TOKENS, "big": 4 * MAX_TOKENS}
 
 
 def test_a_model_that_fails_to_load_fails_its_own_requests_and_the_others_keep_answering(server, expected):
