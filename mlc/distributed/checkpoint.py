@@ -55,7 +55,14 @@ class TrainState(Stateful):
         return {"model": model_sd, "optim": optim_sd, **{k: v.state_dict() for k, v in self.extra.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        built = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
         set_state_dict(self.model, self.optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"], options=self.options)
+        # Parameter groups are matched by the names of their parameters. Saved under another layout (tensor
+        # parallelism splits groups by device mesh) a group may find no saved counterpart and lose its settings: those
+        # come from the config, as built; how the update runs (fused, foreach) always follows this process's layout.
+        for opt, groups in zip(self.optimizers, built):
+            for group, settings in zip(opt.param_groups, groups):
+                group.update({k: v for k, v in settings.items() if k in ("fused", "foreach") or k not in group})
         for key, part in self.extra.items():
             part.load_state_dict(state[key])
 

@@ -7,6 +7,7 @@ micro-batches of an accumulation that are not the last.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Literal
 
@@ -67,15 +68,25 @@ def tensor_parallel(model: nn.Module, blocks: list[nn.Module], tp_size: int, dev
         return wrap(model, blocks, "fsdp", device)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInput, RowwiseParallel, parallelize_module
 
     groups = dist.get_world_size() // tp_size
     mesh = init_device_mesh(device.type, (groups, tp_size), mesh_dim_names=("dp", "tp"))
+    whole = Replicate()
     for block in blocks:
         plan = {name: ColwiseParallel() if how == "colwise" else RowwiseParallel() for name, how in TP_PLAN.items()}
+        # The attention's and the MLP's input as one replicated DTensor shared by q/k/v (gate/up): the backward then
+        # sums their input gradients locally and all-reduces once, not once per projection. Attention(x, cos, sin,
+        # cache): only x is distributed.
+        plan["self_attn"] = PrepareModuleInput(input_layouts=(whole, None, None, None), desired_input_layouts=(whole, None, None, None), use_local_output=False)
+        plan["mlp"] = PrepareModuleInput(input_layouts=(whole,), desired_input_layouts=(whole,), use_local_output=False)
         parallelize_module(block, mesh["tp"], plan)
     if groups > 1:
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        # Gathering a 2-D sharded weight whole (the export) takes two all-gathers, which torch logs as suboptimal on
+        # every rank; it happens once per run.
+        logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
         for block in blocks:
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])

@@ -31,16 +31,20 @@ def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Op
     # One fused kernel per parameter group instead of a dozen foreach passes over memory (the same update, up to
     # rounding). FSDP2's sharded DTensors keep the foreach path.
     fused = bool(named) and not any(isinstance(p, DTensor) for _, p in named)
+    # Tensor parallelism holds plain replicated tensors next to DTensors (and, with FSDP2, DTensors of two meshes):
+    # torch's foreach kernels take one kind at a time, so the update loops over the tensors. The groups stay the same
+    # as in every other layout, so a checkpoint resumes under any of them.
+    foreach = False if len({mesh_key(p) for _, p in named}) > 1 else None
 
     def adamw_groups(params: list[tuple[str, torch.Tensor]]) -> list[dict]:
         # Weight decay only on matrices: decaying norm gains and biases toward zero hurts (GPT-2/nanoGPT convention).
         decay = [p for _, p in params if p.ndim >= 2]
         no_decay = [p for _, p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return [g for g in _by_mesh(groups) if g["params"]]
+        return [g for g in groups if g["params"]]
 
     if cfg.name == "adamw":
-        optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(adamw_groups(named), lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused)]
+        optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(adamw_groups(named), lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused, foreach=foreach)]
     else:
         hidden = [p for n, p in named if is_hidden_matrix(n, p)]
         rest = [(n, p) for n, p in named if not is_hidden_matrix(n, p)]
@@ -67,18 +71,6 @@ def build_optimizers(model: nn.Module, cfg: OptimSection) -> list[torch.optim.Op
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
     return optimizers
-
-
-def _by_mesh(groups: list[dict]) -> list[dict]:
-    """Each group split by where its tensors live (plain, or DTensors of one mesh): the foreach kernels take one kind
-    at a time, and tensor parallelism has plain replicated tensors next to DTensors (and FSDP2's next to 2-D ones)."""
-    out = []
-    for group in groups:
-        kinds: dict = {}
-        for p in group["params"]:
-            kinds.setdefault(mesh_key(p), []).append(p)
-        out += [{**group, "params": params} for params in kinds.values()]
-    return out
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:
