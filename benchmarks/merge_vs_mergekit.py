@@ -216,7 +216,8 @@ def commands(name: str, cfg: Path, mk: Path, old: Path | None = None) -> dict[st
         "mergekit": ([str(mk), str(cfg), str(out / f"{name}-mergekit"), "--random-seed", "0"], out / f"{name}-mergekit"),
     }
     if old is not None:  # env(1) puts the old checkout first on the path: its mlc package shadows the installed one
-        cmd = ["env", f"PYTHONPATH={old}", str(REPO / ".venv" / "bin" / "python"), "-m", "mlc", *mlc_args, str(out / f"{name}-mlc-old")]
+        # -P: `python -m` would otherwise put the working directory first, and run from the repository that is the new mlc
+        cmd = ["env", f"PYTHONPATH={old}", str(REPO / ".venv" / "bin" / "python"), "-P", "-m", "mlc", *mlc_args, str(out / f"{name}-mlc-old")]
         cmds["mlc-old"] = (cmd, out / f"{name}-mlc-old")
     return cmds
 
