@@ -114,11 +114,12 @@ def test_mapped_inputs_merge_as_read_ones_and_a_method_writing_into_them_leaves_
     base = llama_tensors(cfg, 0, dtype)
     paths = [save_model(tmp_path / n, cfg, t) for n, t in (("base", base), ("a", perturb(base, 1)), ("b", perturb(base, 2)))]
     before = [(p / "model.safetensors").read_bytes() for p in paths]
+    monkeypatch.setattr(executor, "MAPPED_IN_FLIGHT", 2**62)  # map even these tiny tensors
     config = {"merge_method": "ties", "base_model": str(paths[0]),  # TIES combines into the base tensor in place
               "models": [{"model": str(p), "parameters": {"weight": 0.5, "density": 0.5}} for p in paths[1:]]}
     run_merge(config, tmp_path / "mapped", runs_root=tmp_path / "runs")
     assert [(p / "model.safetensors").read_bytes() for p in paths] == before
-    monkeypatch.setattr(executor, "read_input", lambda model, name: model.read(name))
+    monkeypatch.setattr(executor, "read_input", lambda model, name, min_mapped: model.read(name))
     run_merge(config, tmp_path / "read", runs_root=tmp_path / "runs")
     mapped, read = load(tmp_path / "mapped"), load(tmp_path / "read")
     assert mapped.keys() == read.keys() and all(torch.equal(mapped[k], read[k]) for k in read)

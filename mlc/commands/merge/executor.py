@@ -91,16 +91,17 @@ def merge_job(plan: MergePlan, job: Job, tensors: list[torch.Tensor]) -> torch.T
     return out.to(method.result_dtype(dtype)).to(out_dtype)
 
 
-def read_job(plan: MergePlan, job: Job) -> list[torch.Tensor]:
+def read_job(plan: MergePlan, job: Job, min_mapped: int = 0) -> list[torch.Tensor]:
     refs = job.inputs + ([job.base] if job.base is not None else [])
-    return [read_input(plan.models[m].tensors, name) for m, name in refs]
+    return [read_input(plan.models[m].tensors, name, min_mapped) for m, name in refs]
 
 
 MADV_POPULATE_READ = 22  # Linux 5.14+ (not in Python 3.11's mmap module)
+MAPPED_IN_FLIGHT = 256  # at most about this many mapped tensors (each holds a file descriptor) within the budget
 
 
-def read_input(model: DenseModel, name: str) -> torch.Tensor:
-    """One input tensor: mapped copy-on-write from its safetensors file when stored as is, else read.
+def read_input(model: DenseModel, name: str, min_mapped: int = 0) -> torch.Tensor:
+    """One input tensor: mapped copy-on-write from its safetensors file when stored as is and min_mapped bytes or more, else read.
 
     A mapping copies nothing and faults no fresh pages: the page cache's pages are mapped in one call,
     here in the reader thread (reading the file if it is not cached), and a method that writes to its
@@ -110,11 +111,14 @@ def read_input(model: DenseModel, name: str) -> torch.Tensor:
     files too, a file truncated during the merge would end it with SIGBUS.)
     """
     info = model.info(name)
-    if model.source != "hf" or not isinstance(info, TensorInfo) or info.nbytes == 0:
+    if model.source != "hf" or not isinstance(info, TensorInfo) or info.nbytes == 0 or info.nbytes < min_mapped:
         return model.read(name)
     start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-    with open(info.file, "rb") as f:
-        m = mmap.mmap(f.fileno(), info.start + info.nbytes - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    try:
+        with open(info.file, "rb") as f:
+            m = mmap.mmap(f.fileno(), info.start + info.nbytes - start, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+    except (OSError, ValueError):
+        return model.read(name)  # a file system that cannot map files
     try:
         m.madvise(MADV_POPULATE_READ)
     except (OSError, ValueError):
@@ -141,6 +145,7 @@ def execute(
     out_bytes = [job_out_bytes(plan, j) for j in jobs]
     costs = [plan.input_bytes(j) + o for j, o in zip(jobs, out_bytes)]
     budget = Budget(max(max(costs, default=0), MIN_BUDGET))
+    min_mapped = budget.limit // MAPPED_IN_FLIGHT
     layout = [(j.name, plan.output_dtype(j), j.shape) for j in jobs]
     writer = ShardedWriter(out_dir, layout, max_shard_bytes=max_shard_bytes, metadata={"merged_by": "mlc"})
     failed = threading.Event()
@@ -187,7 +192,7 @@ def execute(
                 if failed.is_set():
                     budget.release(costs[i])
                     break
-                done.append(work_pool.submit(run, i, read_pool.submit(read_job, plan, job)))
+                done.append(work_pool.submit(run, i, read_pool.submit(read_job, plan, job, min_mapped)))
                 done = [f for f in done if not _done(f)]
             for f in done:
                 f.result()
