@@ -125,3 +125,28 @@ def test_gptq_orders_by_activation_unless_told_not_to_and_other_schemes_refuse_t
     for flag in (True, False):
         with pytest.raises(MlcUsageError, match="does not take --act-order"):
             INT4.options(SchemeOptions(act_order=flag))
+
+
+
+
+@pytest.mark.parametrize("stat_name", ["absmax", "hessian"])
+def test_an_input_shared_by_several_linears_is_reduced_once_and_a_new_one_never_taken_for_it(stat_name):
+    # q/k/v share one input tensor; gate/up's comes later with the same shape, possibly in q/k/v's freed memory.
+    import weakref
+
+    from mlc.commands.quantize.layerwise import STATS
+
+    cache: dict = {}
+    q, k, gate = STATS[stat_name](4), STATS[stat_name](4), STATS[stat_name](4)
+    x = torch.ones(2, 3, 4)
+    q.add(x, cache)
+    reduced = {key: v for key, v in cache.items() if key != "input"}
+    k.add(x, cache)
+    assert all(cache[key] is v for key, v in reduced.items())  # k reuses q's reduction
+    alive = weakref.ref(x)
+    del x
+    assert alive() is not None  # held until the next input, so its memory cannot be handed to that one
+    gate.add(torch.full((2, 3, 4), 7.0), cache)
+    assert alive() is None
+    expected = torch.full((4,), 7.0) if stat_name == "absmax" else torch.full((4, 4), 49.0)
+    assert torch.equal(gate.value(), expected) and torch.equal(k.value(), expected / 7 ** (1 if stat_name == "absmax" else 2))

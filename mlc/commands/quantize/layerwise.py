@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlc.commands.quantize.memory import activations_on_heap
 from mlc.io.safetensors_reader import ModelTensors
 from mlc.kernels.quant_linear import quant_linear
 from mlc.kernels.quant_weights import QuantWeight
@@ -26,6 +27,25 @@ from mlc.models.quant_load import set_module
 
 COMPUTE_DTYPE = torch.bfloat16  # calibration forward passes: the CPU's fast GEMM
 CHUNK_TOKENS = 4096  # tokens per forward chunk: bounds the MLP's intermediate activations
+
+
+def shared(cache: dict[str, Any], kind: str, x: torch.Tensor, compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """compute(x as [tokens, features]), once per input: q/k/v (and gate/up) are hooked on the very same tensor.
+
+    The cache holds the latest input itself and compares by identity. A key made of the address would
+    be wrong: gate/up's input has q/k/v's shape and can be allocated where q/k/v's was, once freed.
+    """
+    if cache.get("input") is not x:
+        cache.clear()
+        cache["input"] = x
+    if kind not in cache:
+        cache[kind] = compute(x.reshape(-1, x.shape[-1]))
+    return cache[kind]
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x32 = x.float()
+    return x32.T @ x32
 
 
 class HessianStat:
@@ -37,15 +57,11 @@ class HessianStat:
         self.sum = torch.zeros(k, k)
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, cache: dict[Any, torch.Tensor]) -> None:
-        key = ("xtx", x.data_ptr(), tuple(x.shape))
-        if key not in cache:  # q/k/v (and gate/up) share one input: one product serves them all
-            # In fp32: a bf16 product rounds every entry by 2^-9 of the largest ones, which breaks the
-            # positive definiteness GPTQ's Cholesky needs when a few features are huge (SmolLM2 has them).
-            x32 = x.float()
-            cache[key] = x32.T @ x32
-        self.sum += cache[key]
-        self.tokens += x.shape[0]
+    def add(self, x: torch.Tensor, cache: dict[str, Any]) -> None:
+        # In fp32: a bf16 product rounds every entry by 2^-9 of the largest ones, which breaks the
+        # positive definiteness GPTQ's Cholesky needs when a few features are huge (SmolLM2 has them).
+        self.sum += shared(cache, "xtx", x, _gram)
+        self.tokens += x.numel() // x.shape[-1]
 
     def value(self) -> torch.Tensor:
         if self.tokens == 0:
@@ -61,11 +77,8 @@ class AbsMaxStat:
     def __init__(self, k: int):
         self.max = torch.zeros(k)
 
-    def add(self, x: torch.Tensor, cache: dict[Any, torch.Tensor]) -> None:
-        key = ("absmax", x.data_ptr(), tuple(x.shape))
-        if key not in cache:  # q/k/v (and gate/up) share one input
-            cache[key] = x.abs().amax(dim=0).float()
-        torch.maximum(self.max, cache[key], out=self.max)
+    def add(self, x: torch.Tensor, cache: dict[str, Any]) -> None:
+        torch.maximum(self.max, shared(cache, "absmax", x, lambda x: x.abs().amax(dim=0).float()), out=self.max)
 
     def value(self) -> torch.Tensor:
         return self.max
@@ -78,12 +91,9 @@ class HessianAbsMeanStat(HessianStat):
         super().__init__(k)
         self.abs_sum = torch.zeros(k)
 
-    def add(self, x: torch.Tensor, cache: dict[Any, torch.Tensor]) -> None:
+    def add(self, x: torch.Tensor, cache: dict[str, Any]) -> None:
         super().add(x, cache)
-        key = ("abssum", x.data_ptr(), tuple(x.shape))
-        if key not in cache:
-            cache[key] = x.float().abs().sum(dim=0)
-        self.abs_sum += cache[key]
+        self.abs_sum += shared(cache, "abssum", x, lambda x: x.float().abs().sum(dim=0))
 
     def value(self) -> tuple[torch.Tensor, torch.Tensor]:
         return super().value(), self.abs_sum / max(self.tokens, 1)
@@ -111,8 +121,9 @@ def _materialize(module: nn.Module, prefix: str, tensors: ModelTensors, dtype: t
 
 def _forward_chunks(run: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, rows: int) -> torch.Tensor:
     out = torch.empty_like(hidden)
-    for s in range(0, hidden.shape[0], rows):
-        out[s : s + rows] = run(hidden[s : s + rows])
+    with activations_on_heap():
+        for s in range(0, hidden.shape[0], rows):
+            out[s : s + rows] = run(hidden[s : s + rows])
     return out
 
 
@@ -128,24 +139,25 @@ def _calibrate_stage(
     """
     stats: dict[str, Any] = {}
     handles = []
-    cache: dict[Any, torch.Tensor] = {}
+    cache: dict[str, Any] = {}
     for local, full in names.items():
         job = jobs[full]
         if job.statistic is None:
             continue
         linear = stage.get_submodule(local)
         stat = stats[full] = STATS[job.statistic](linear.in_features)
-        handles.append(linear.register_forward_pre_hook(lambda m, args, stat=stat: stat.add(args[0].reshape(-1, args[0].shape[-1]), cache)))
+        handles.append(linear.register_forward_pre_hook(lambda m, args, stat=stat: stat.add(args[0], cache)))
     # Without error to compensate, the first run's outputs (the original block's) are the next inputs.
     reuse = outputs and bool(stats) and not any(type(stat).quantised_inputs for stat in stats.values())
     first_outputs = torch.empty_like(hidden) if reuse else None
     if stats:
-        for s in range(0, hidden.shape[0], rows):
+        with activations_on_heap():
+            for s in range(0, hidden.shape[0], rows):
+                cache.clear()
+                y = run(hidden[s : s + rows])
+                if first_outputs is not None:
+                    first_outputs[s : s + rows] = y
             cache.clear()
-            y = run(hidden[s : s + rows])
-            if first_outputs is not None:
-                first_outputs[s : s + rows] = y
-        cache.clear()
     for h in handles:
         h.remove()
     changed: dict[str, torch.Tensor] = {}

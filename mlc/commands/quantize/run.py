@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mlc.commands.quantize.memory import release_freed_memory
 from mlc.errors import MlcUsageError
 
 DEFAULT_SAMPLES, DEFAULT_SEQ_LEN = 128, 512
@@ -34,22 +35,6 @@ class QuantizeArgs:
     evaluate: bool = True
     overwrite: bool = False
     json_output: bool = False
-
-
-def release_freed_memory() -> None:
-    """Make glibc hand freed tensors back to the OS at once.
-
-    Quantising reads, converts and frees hundreds of tensors of a few MiB. After the first large
-    free, glibc raises its mmap threshold (up to 32 MiB) and keeps such blocks in its heap, where
-    fragmentation holds on to them: measured on SmolLM2 int4, peak RSS 722 MB with the default,
-    515 MB with a fixed 1 MiB threshold (tensors above it are mmapped and unmapped on free).
-    """
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
 
 
 def _quantize_to_gguf(request: Any, staging: Path, model_dir: Path, evaluate: bool, tick: Any) -> tuple[Any, dict[str, Any] | None]:
