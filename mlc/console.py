@@ -29,6 +29,15 @@ def warn(message: str) -> None:
     err.print(f"[yellow]warning:[/yellow] {message}", highlight=False, markup=True)
 
 
+def print_whole(renderable: Any) -> None:
+    """Print a tree or table to stdout. Off a terminal (a pipe, a file) rich would cut every line at 80 columns, and a
+    path cut short is a wrong path: there, lines are as long as they need to be."""
+    if out.is_terminal:
+        out.print(renderable)
+    else:
+        Console(file=out.file, width=100_000, soft_wrap=True).print(renderable)
+
+
 def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()

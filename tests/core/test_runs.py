@@ -153,6 +153,15 @@ def test_lineage_follows_artifacts_back_through_runs(runs_root: Path, tmp_path: 
     assert proc.returncode == 0 and "merge run" in proc.stdout and "train run" in proc.stdout
 
 
+def test_lineage_printed_to_a_pipe_keeps_every_path_whole(runs_root: Path, tmp_path: Path):
+    data = tmp_path / ("a-directory-name-long-enough-to-pass-eighty-columns-" * 3) / "corpus.txt"
+    data.parent.mkdir()
+    data.write_text("text")
+    trained = make_artifact(runs_root, "train", [str(data)], "weights")
+    proc = run_mlc("--runs-dir", str(runs_root), "runs", "lineage", f"run:{trained.id}")  # stdout is a pipe
+    assert proc.returncode == 0 and str(data) in proc.stdout
+
+
 def test_index_can_be_rebuilt_from_the_run_directories(runs_root: Path):
     runs = [make_artifact(runs_root, "train", [], str(i)) for i in range(3)]
     before = {r["id"] for r in index.query_runs(runs_root)}

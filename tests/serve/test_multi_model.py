@@ -76,7 +76,7 @@ def loaded(server) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
     """small, big, again and broken in one server, with --max-memory for small and big together (not a third model)."""
-    from mlc.commands.serve.modelset import footprint
+    from mlc.commands.serve.footprint import footprint
 
     room = sum(sum(footprint(models[n], "float32", 1 << 20)) for n in ("small", "big"))
     s = start_server(models["small"], tmp_path_factory.mktemp("serve-multi"), str(models["big"]), str(models["small"]), str(models["broken"]),

@@ -199,6 +199,6 @@ def print_report(results: list[StageResult], total: float, work: Path, root: Pat
             console.out.print(f"  {r.name:<10} {r.artifact}")
     if quantize_run:
         console.out.print("\nWhere the quantised model came from (`mlc runs lineage`):")
-        console.out.print(as_rich_tree(lineage(root, f"run:{quantize_run}")))
+        console.print_whole(as_rich_tree(lineage(root, f"run:{quantize_run}")))
     console.out.print(f"\nConfigs and logs: {work}\nRuns: {root}  (`mlc runs ls`, `mlc runs show <id>`)")
     console.out.print(f"See them in a browser: mlc --runs-dir {shlex.quote(str(root))} runs ui", markup=False, highlight=False)

@@ -93,7 +93,7 @@ def lineage_cmd(
     if options.want_json(json_output):
         console.print_json(tree)
     else:
-        console.out.print(as_rich_tree(tree))
+        console.print_whole(as_rich_tree(tree))
 
 
 @app.command("gc")

@@ -139,4 +139,10 @@ def serve(
 
         serve_replicas(cfg, ReplicaPlan(*span, ray_address, target_ongoing_requests, float(threads or 1)))
         return
+    if cfg.more_models:
+        from mlc.commands.serve.modelset import serve_models
+        from mlc.commands.serve.server import available_memory, parse_memory
+
+        serve_models(cfg, parse_memory(cfg.kv_cache_memory, available_memory()))
+        return
     run_server(cfg)

@@ -31,44 +31,13 @@ from typing import Any
 from mlc import console
 from mlc.commands.serve import protocol as P
 from mlc.commands.serve.api import MAX_BODY_BYTES, ServerState, build_app
+from mlc.commands.serve.footprint import check_fits, footprint, mib
 from mlc.commands.serve.metrics import CONTENT_TYPE, FINISH_REASONS, LABELS, MetricFamilies, ServeMetrics
 from mlc.commands.serve.server import ServeConfig, available_memory, default_name, parse_memory
 from mlc.errors import InputError, MlcError
 
 # The routes whose JSON body names the model; every other path goes to the first model's app (docs, /version, 404s).
 BODY_ROUTES = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize", "/detokenize"}
-
-
-def footprint(path: Path, dtype: str, kv_bytes: int) -> tuple[int, int]:
-    """(weight bytes, KV-cache bytes) a model takes once loaded: its tensors at the dtype they load in, from the headers."""
-    import torch
-
-    from mlc.io.hfdir import read_config
-    from mlc.io.safetensors_reader import ModelTensors
-
-    raw = read_config(path)
-    target = None if dtype == "auto" else getattr(torch, dtype)
-    if target is None and "quantization_config" in raw:
-        target = torch.bfloat16  # what load_engine picks for quantised models' float tensors
-    total = 0
-    with ModelTensors(path) as tensors:
-        for name, info in tensors.infos.items():
-            if (name == "lm_head.weight" and raw.get("tie_word_embeddings")) or name.endswith("rotary_emb.inv_freq"):
-                continue  # not loaded: the tied head is the embedding
-            size = target.itemsize if target is not None and info.dtype.is_floating_point else info.dtype.itemsize
-            total += info.numel * size
-    return total, kv_bytes
-
-
-def check_fits(name: str, need: tuple[int, int], max_memory: int) -> None:
-    """InputError unless one model's weights and KV cache fit in --max-memory on their own."""
-    if sum(need) > max_memory:
-        raise InputError(f"model {name!r} needs {_mib(sum(need))} (weights {_mib(need[0])} + KV cache {_mib(need[1])}), "
-                         f"more than --max-memory {_mib(max_memory)}", "raise --max-memory, or lower --kv-cache-memory")
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 @dataclass(eq=False)
@@ -225,7 +194,7 @@ class ModelSet:
             self.load_time.labels(m.name, "0").observe(seconds)
             self.loaded.labels(m.name, "0").set(1)
             c = engine.config
-            console.info(f"loaded {m.name} in {seconds:.2f} s ({_mib(m.bytes)}: {c.num_blocks} KV blocks x {c.block_size} tokens, "
+            console.info(f"loaded {m.name} in {seconds:.2f} s ({mib(m.bytes)}: {c.num_blocks} KV blocks x {c.block_size} tokens, "
                          f"max length {c.max_model_len}, {engine.dtype})")
         if not done.done():
             done.set_result(None)
@@ -519,7 +488,7 @@ def serve_models(cfg: ServeConfig, kv_bytes: int) -> dict[str, Any]:
             cfg.grace_period,
         )
         console.info(f"serving {', '.join(n for n, _ in named)} on http://{cfg.host}:{cfg.port}/v1 (the first loads now, the others on "
-                     f"their first request{f'; --max-memory {_mib(max_memory)}' if max_memory is not None else ''})")
+                     f"their first request{f'; --max-memory {mib(max_memory)}' if max_memory is not None else ''})")
         server.run()
         modelset.stop()
         summary = modelset.summary()

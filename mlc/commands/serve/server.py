@@ -158,10 +158,6 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
     from mlc.runs import open_run
 
     budget = parse_memory(cfg.kv_cache_memory, available_memory())  # a bad size fails before anything starts
-    if cfg.more_models:
-        from mlc.commands.serve.modelset import serve_models
-
-        return serve_models(cfg, budget)
     if cfg.compile and (cfg.lora or cfg.allow_runtime_lora):
         raise InputError("--compile does not cover LoRA adapters yet", "serve adapters without --compile, or fold them (`mlc merge lora`)")
     record = {k: v for k, v in asdict(cfg).items() if k != "api_key"} | {"api_key": "set" if cfg.api_key else None}
@@ -169,7 +165,7 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
         path = run.add_input(cfg.model, role="model")
         name = served_name(cfg)
         if cfg.max_memory is not None:
-            from mlc.commands.serve.modelset import check_fits, footprint
+            from mlc.commands.serve.footprint import check_fits, footprint
 
             check_fits(name, footprint(path, cfg.dtype, budget), parse_memory(cfg.max_memory, available_memory(), "--max-memory"))
         loras = [(n, run.add_input(ref, role=f"lora:{n}")) for n, ref in parse_loras(cfg.lora, name)]
