@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
+
+from mlc.kernels.cbuild import cached_library, find_compiler
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +50,6 @@ def _has_avx512_bf16() -> bool:
     return "avx512_bf16" in _cpu_identity().split()
 
 
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), *map(str, SOURCES)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}")
-        os.replace(out, target)  # atomic: a concurrent process sees the old library or the whole new one
-
-
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("MLC_NATIVE_KERNELS", "1") == "0":
         _state["reason"] = "disabled by MLC_NATIVE_KERNELS=0"
@@ -69,18 +57,12 @@ def _load() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64") or not _has_avx512_bf16():
         _state["reason"] = "the CPU has no AVX512_BF16"
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_compiler()
     if compiler is None:
         _state["reason"] = "no C compiler (cc or gcc) on PATH"
         return None
-    from mlc.paths import cache_dir
-
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([*(f.read_text() for f in SOURCES), " ".join(FLAGS), version, _cpu_identity()]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"gemv_bf16-{key}.so"
     try:
-        if not target.is_file():
-            _build(compiler, target)
+        target = cached_library(compiler, "gemv_bf16", SOURCES, FLAGS, key_extra=[_cpu_identity()])
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError) as e:
         _state["reason"] = f"could not build {', '.join(f.name for f in SOURCES)}: {e}"

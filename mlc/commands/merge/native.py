@@ -8,14 +8,12 @@ MLC_NATIVE_KERNELS=0) `library()` is None and callers sort with torch: the same 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
+
+from mlc.kernels.cbuild import cached_library, find_compiler
 
 log = logging.getLogger(__name__)
 
@@ -29,33 +27,16 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def _build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, "-o", str(out), str(SOURCE), *LIBS], capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
-            raise RuntimeError(f"{compiler} failed: {last}")
-        os.replace(out, target)  # atomic: a concurrent process sees no library or the whole one
-
-
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("MLC_NATIVE_KERNELS", "1") == "0":
         _state["reason"] = "disabled by MLC_NATIVE_KERNELS=0"
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = find_compiler()
     if compiler is None:
         _state["reason"] = "no C compiler (cc or gcc) on PATH"
         return None
-    from mlc.paths import cache_dir
-
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS + LIBS), version]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"sortselect-{key}.so"
     try:
-        if not target.is_file():
-            _build(compiler, target)
+        target = cached_library(compiler, "sortselect", [SOURCE], FLAGS, LIBS)
         lib = ctypes.CDLL(str(target))  # a CDLL call releases the GIL: merge workers select in parallel
     except (OSError, RuntimeError) as e:
         _state["reason"] = f"could not build {SOURCE.name}: {e}"
