@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from served import get, metric_totals  # benchmarks/served.py: the script's directory is on the path
+
 from mlc.paths import cache_dir
 from tests.conftest import smollm2_hf_dir  # the real-model fixture's files
 from tests.serve import corpus
@@ -168,23 +170,6 @@ class Soak:
             self.one(rng)
 
 
-def get(port: int, path: str) -> tuple[int, bytes]:
-    conn = HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", path)
-    r = conn.getresponse()
-    return r.status, r.read()
-
-
-def metrics(port: int) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(get(port, "/metrics")[1].decode()):
-        for s in family.samples:
-            out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -243,11 +228,11 @@ def main() -> None:
         samples.append((time.monotonic() - start, rss_mb(proc.pid)))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            m = metrics(port)
+            m = metric_totals(port)
             if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0:
                 break
             time.sleep(0.5)
-        m = metrics(port)
+        m = metric_totals(port)
         health = get(port, "/health")[0]
         rss_start = next((r for t, r in samples if t >= 60), samples[0][1])
         rss_end = samples[-1][1]

@@ -28,11 +28,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from http.client import HTTPConnection
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from served import get, metric_totals  # noqa: E402  (benchmarks/served.py: the script's directory is on the path)
 
 from tests.conftest import smollm2_hf_dir  # noqa: E402
 
@@ -42,23 +43,6 @@ def copy_dataset(path: Path, count: int) -> None:
     with path.open("w") as f:
         for p in paragraphs[:count]:
             f.write(json.dumps({"prompt": f"Copy the following text exactly, word for word:\n\n{p[:700]}"}) + "\n")
-
-
-def get(port: int, path: str) -> tuple[int, bytes]:
-    conn = HTTPConnection("127.0.0.1", port, timeout=30)
-    conn.request("GET", path)
-    r = conn.getresponse()
-    return r.status, r.read()
-
-
-def counters(port: int) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(get(port, "/metrics")[1].decode()):
-        for s in family.samples:
-            out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
 
 
 def make_draft(model: Path, args: argparse.Namespace, work: Path) -> Path:
@@ -105,7 +89,7 @@ def measure(model: Path, spec: int, task: str, dataset: Path, args: argparse.Nam
                  "--num-prompts", str(args.num_prompts), "--max-concurrency", "1", "--output-len", str(args.output_len), "--temperature", "0",
                  "--tokenizer", str(model), "--save-result", str(result), "--seed", "0"]
         subprocess.run(bench, check=True, env=env, stdout=subprocess.DEVNULL)
-        m = counters(port)
+        m = metric_totals(port)
     finally:
         server.terminate()
         server.wait(timeout=120)
