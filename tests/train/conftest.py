@@ -72,6 +72,17 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def segments(run_dir: Path) -> list[dict[int, float]]:
+    """The loss curve of each stretch of a run between resumes."""
+    out: list[dict[int, float]] = [{}]
+    for m in metrics(run_dir):
+        if m.get("event") == "resume":
+            out.append({})
+        elif "loss" in m:
+            out[-1][m["step"]] = m["loss"]
+    return out
+
+
 def loss_curve(run_dir: Path) -> dict[int, float]:
     """Training loss by step; a step repeated after a resume keeps its last value."""
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import loss_curve, metrics, mlc_train, train_runs, write_config
+from .conftest import loss_curve, metrics, mlc_train, segments, train_runs, write_config
 
 # DDP/FSDP vs one process, and resuming on another world size: the gradient sums are added in another order
 # (all-reduce vs local accumulation). Measured here: 0.0 on 2 processes (a + b == b + a, and the per-rank scale is a
@@ -20,17 +20,6 @@ from .conftest import loss_curve, metrics, mlc_train, train_runs, write_config
 PARITY_TOL = 1e-5
 # Same world size, resumed: the spec asks bitwise on one process and 1e-6 on two.
 RESUME_TOL_2 = 1e-6
-
-
-def segments(run_dir: Path) -> list[dict[int, float]]:
-    """The loss curve of each stretch of a run between resumes."""
-    out: list[dict[int, float]] = [{}]
-    for m in metrics(run_dir):
-        if m.get("event") == "resume":
-            out.append({})
-        elif "loss" in m:
-            out[-1][m["step"]] = m["loss"]
-    return out
 
 
 def traced_samples(trace: Path) -> dict[int, list[int]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DATA, metrics, mlc_train, train_runs, write_config
+from .conftest import DATA, mlc_train, segments, train_runs, write_config
 
 # 2 TP groups of 2 against one process: the o/down outputs and the attention/MLP input gradients are summed by
 # all-reduce, and the gradients averaged over 2 FSDP shards, in another order than one process's. Measured: 4.8e-7
@@ -77,16 +77,6 @@ def test_tp_that_cannot_split_the_model_fails_before_launching(tmp_path, run_mlc
 
 
 # ---- 2-D FSDP x TP on 4 processes ----------------------------------------------------------------------------------
-def segments(run_dir: Path) -> list[dict[int, float]]:
-    out: list[dict[int, float]] = [{}]
-    for m in metrics(run_dir):
-        if m.get("event") == "resume":
-            out.append({})
-        elif "loss" in m:
-            out[-1][m["step"]] = m["loss"]
-    return out
-
-
 def samples_by_rank(trace: Path) -> dict[int, dict[int, list[int]]]:
     """rank -> step -> samples read, all micro-batches together (a trace holds one execution of each step)."""
     out: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
