@@ -88,7 +88,13 @@ def root_cause(launch_dir: Path, failures: dict[int, Any]) -> tuple[str, int]:
     pick = next((r for r in mlc_errors if r["rank"] == 0), None) or (mlc_errors or errors or [None])[0]
     if pick is not None:
         return pick["message"], int(pick["exit_code"])
-    for rank, failure in sorted(failures.items(), key=lambda item: (item[1].timestamp, item[0])):
+    # When one worker dies, the agent stops the others with SIGTERM, and records them all in the same second: a
+    # worker killed by SIGTERM is the cause only when no other worker failed some other way.
+    def order(item: tuple[int, Any]) -> tuple[bool, float, int]:
+        rank, failure = item
+        return failure.exitcode == -signal.SIGTERM, failure.timestamp, rank
+
+    for rank, failure in sorted(failures.items(), key=order):
         if failure.exitcode < 0:
             name = signal.Signals(-failure.exitcode).name
             return f"worker rank {rank} (pid {failure.pid}) was killed by {name}", 128 - failure.exitcode
