@@ -1,6 +1,13 @@
 """mlc serve against transformers `generate` and llama.cpp on SmolLM2-135M, in one run.
 
     .venv/bin/python benchmarks/serve_vs_peers.py [--reps 3] [--decode-tokens 128] [--skip-llamacpp] [--skip-decode] [--compile]
+    .venv/bin/python benchmarks/serve_vs_peers.py --model 1b [--concurrency 32]
+
+`--model 1b` runs the same rows on a 1.03B-parameter Llama with seeded random bf16 weights (benchmarks/quant_1b.py's
+model, SmolLM2's tokenizer), to show how cost grows: llama.cpp then reads the Q4_0 GGUF that
+`mlc quantize -s int4 -g 32 --format gguf` writes (the same integers as mlc's int4 rows), and a load-time section
+times opening each model (mlc's mmap'd load, transformers' from_pretrained, llama.cpp's Llama()); the transformers
+fp32 row is skipped (4 GB of weights).
 
 Batch-1 decode tokens/s: transformers fp32 and bf16, llama.cpp (llama-cpp-python, Q4_1 GGUF, the same
 file the real-model test fixture converts), and mlc's engine in bf16, int8 and int4 (quantised by
@@ -98,7 +105,9 @@ LLAMA_SCRIPT = r"""
 import json, sys, time
 from llama_cpp import Llama
 gguf, n, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+t0 = time.perf_counter()
 llm = Llama(model_path=gguf, n_ctx=1024, n_threads=2, n_batch=512, verbose=False)
+load_s = time.perf_counter() - t0
 def run(prompt, tokens):
     llm.reset()
     t, c = time.perf_counter(), time.process_time()
@@ -115,7 +124,7 @@ decode = []
 for _ in range(reps):
     (wn, cn), (w1, c1) = run(short, n), run(short, 1)
     decode.append(((n - 1) / (wn - w1), (n - 1) / (cn - c1)))
-print(json.dumps({"decode": [med([d[0] for d in decode]), med([d[1] for d in decode])]}))
+print(json.dumps({"decode": [med([d[0] for d in decode]), med([d[1] for d in decode])], "load_s": load_s}))
 """
 
 
@@ -160,12 +169,15 @@ def llama_server() -> Path:
 
 
 # ---------------------------------------------------------------- mlc
-def quantized(path: Path, scheme: str) -> Path:
-    out = cache_dir() / "bench" / f"smollm2-{scheme}-{path.name}"
-    if not (out / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "mlc", "quantize", str(path), "-s", scheme, *(["-g", "32"] if scheme == "int4" else []), "-o", str(out), "--no-eval", "--overwrite"],
+def quantized(path: Path, scheme: str, fmt: str = "hf") -> Path:
+    """mlc quantize's output for the model (int4: groups of 32, as llama.cpp's Q4_0 blocks), made once into the cache."""
+    out = cache_dir() / "bench" / f"{path.name}-{scheme}{'-gguf' if fmt == 'gguf' else ''}"
+    done = out / ("model.gguf" if fmt == "gguf" else "config.json")
+    if not done.is_file():
+        subprocess.run([sys.executable, "-m", "mlc", "quantize", str(path), "-s", scheme, *(["-g", "32"] if scheme == "int4" else []), "-o", str(out),
+                        "--format", fmt, "--no-eval", "--overwrite"],
                        check=True, capture_output=True, env={**os.environ, "MLC_RUNS_DIR": str(cache_dir() / "bench" / "runs")})
-    return out
+    return done if fmt == "gguf" else out
 
 
 def mlc_engine(path: Path, dtype: str | None, compile: bool = False):
@@ -203,11 +215,11 @@ def mlc_decode_rate(path: Path, dtype: str | None, n: int, reps: int, compile: b
     return medians(reps, lambda: once(n))
 
 
-def bench_sweep(template: str, var: dict[str, str], grid: dict[str, str], tokenizer: Path, extra: list[str] = ()) -> list[dict]:
+def bench_sweep(template: str, var: dict[str, str], grid: dict[str, str], tokenizer: Path, extra: list[str] = (), concurrency: str = "8,32") -> list[dict]:
     """`mlc bench sweep` of one server (settings in grid) at 8 and 32 concurrent streams: its points as JSON."""
     args = [sys.executable, "-m", "mlc", "bench", "sweep", "--server-template", template,
             *(x for k, v in var.items() for x in ("--var", f"{k}={v}")), *(x for k, v in grid.items() for x in ("--grid", f"{k}={v}")),
-            "--load", "concurrency=8,32", "--num-prompts", "32", "--num-warmups", "2", "--dataset", "random", "--input-len", str(PROMPT_LEN),
+            "--load", f"concurrency={concurrency}", "--num-prompts", "32", "--num-warmups", "2", "--dataset", "random", "--input-len", str(PROMPT_LEN),
             "--output-len", str(OUTPUT_LEN), "--tokenizer", str(tokenizer), "--temperature", "0", "--seed", "0", "--server-timeout", "900", *extra, "--json"]
     env = {**os.environ, "MLC_RUNS_DIR": str(cache_dir() / "bench" / "runs")}
     out = subprocess.run(args, capture_output=True, text=True, env=env)
@@ -216,8 +228,9 @@ def bench_sweep(template: str, var: dict[str, str], grid: dict[str, str], tokeni
     return json.loads(out.stdout)["points"]
 
 
-def decode_section(args: argparse.Namespace, path: Path, gguf: Path, rows: dict[str, tuple[float, float]]) -> None:
+def decode_section(args: argparse.Namespace, path: Path, gguf: Path, gguf_type: str, rows: dict[str, tuple[float, float]]) -> None:
     n, reps = args.decode_tokens, args.reps
+    llama_row = f"llama.cpp {gguf_type} batch 1"
     print(f"## batch-1 decode (median of {reps}; batch 8 is aggregate)   tokens/s   tokens/CPU-s", flush=True)
 
     def row(name: str, value: tuple[float, float]) -> None:
@@ -227,7 +240,8 @@ def decode_section(args: argparse.Namespace, path: Path, gguf: Path, rows: dict[
     def ratio(a: str, b: str) -> str:
         return f"{rows[a][0] / rows[b][0]:.2f}x wall, {rows[a][1] / rows[b][1]:.2f}x per CPU-second"
 
-    row("transformers fp32 batch 1", hf_decode_rate(path, torch.float32, 1, n, reps))
+    if args.model != "1b":
+        row("transformers fp32 batch 1", hf_decode_rate(path, torch.float32, 1, n, reps))
     row("transformers bf16 batch 1", hf_decode_rate(path, torch.bfloat16, 1, n, reps))
     row("transformers bf16 batch 8", hf_decode_rate(path, torch.bfloat16, 8, n, reps))
     row("mlc bf16 batch 1", mlc_decode_rate(path, "bfloat16", n, reps))
@@ -239,11 +253,38 @@ def decode_section(args: argparse.Namespace, path: Path, gguf: Path, rows: dict[
     llama = None
     if not args.skip_llamacpp:
         llama = llama_cpp(gguf, n, reps)
-        row("llama.cpp Q4_1 batch 1", tuple(llama["decode"]))
+        row(llama_row, tuple(llama["decode"]))
     for mode in ("", ", compiled") if args.compile else ("",):
         print(f"mlc bf16{mode} / transformers bf16: {ratio(f'mlc bf16 batch 1{mode}', 'transformers bf16 batch 1')} (target >= 1.5x)")
         if llama:
-            print(f"mlc int4{mode} / llama.cpp Q4_1:    {ratio(f'mlc int4 batch 1{mode}', 'llama.cpp Q4_1 batch 1')} (target >= 0.75x)")
+            print(f"mlc int4{mode} / {llama_row[:-8]}:    {ratio(f'mlc int4 batch 1{mode}', llama_row)} (target >= 0.75x)")
+
+
+def load_section(args: argparse.Namespace, path: Path, gguf: Path, gguf_type: str) -> None:
+    """Seconds to open each model, ready to run (mlc: load_model, weights mmap'd where they are stored as served;
+    transformers: from_pretrained in bf16; llama.cpp: Llama() on the GGUF). Each in a fresh process, page cache warm
+    (each is opened once before timing)."""
+    script = (
+        "import sys, time; t = time.perf_counter(); kind, path = sys.argv[1], sys.argv[2]\n"
+        "if kind == 'mlc':\n    from mlc.models import load_model; m = load_model(path, dtype='bfloat16')\n"
+        "else:\n    import torch; from transformers import AutoModelForCausalLM; m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)\n"
+        "print(time.perf_counter() - t)"
+    )
+
+    def timed(kind: str, model: Path) -> float:
+        def once() -> float:
+            out = subprocess.run([sys.executable, "-c", script, kind, str(model)], capture_output=True, text=True, check=True)
+            return float(out.stdout.strip().splitlines()[-1])
+
+        once()
+        return statistics.median(once() for _ in range(args.reps))
+
+    print(f"\n## load time (seconds, median of {args.reps}, warm page cache; imports excluded)", flush=True)
+    print(f"{'mlc bf16':40s} {timed('mlc', path):8.2f}", flush=True)
+    print(f"{'mlc int4':40s} {timed('mlc', quantized(path, 'int4')):8.2f}", flush=True)
+    print(f"{'transformers bf16':40s} {timed('hf', path):8.2f}", flush=True)
+    if not args.skip_llamacpp:
+        print(f"{'llama.cpp ' + gguf_type:40s} {llama_cpp(gguf, 4, 1)['load_s']:8.2f}", flush=True)
 
 
 def main() -> None:
@@ -254,19 +295,30 @@ def main() -> None:
     ap.add_argument("--skip-load", action="store_true", help="Batch-1 decode only.")
     ap.add_argument("--skip-decode", action="store_true", help="Serving under load only (no llama-cpp-python build needed).")
     ap.add_argument("--compile", action="store_true", help="Also measure mlc with its decode steps compiled (mlc serve --compile).")
+    ap.add_argument("--model", choices=("smollm2", "1b"), default="smollm2",
+                    help="smollm2: SmolLM2-135M (llama.cpp reads the Q4_1 GGUF it ships in). 1b: a 1.03B Llama with random weights.")
+    ap.add_argument("--concurrency", default="8,32", help="Concurrent streams of the serving-under-load section (comma-separated).")
     ap.add_argument("--threads", type=int, default=None,
                     help="Threads of every server under load (mlc serve --threads, llama-server -t/-tb, transformers' torch threads). "
                          "Default: all cores. On a machine other jobs oversubscribe, 1 avoids OpenMP barriers waiting on descheduled threads.")
     args = ap.parse_args()
     torch.manual_seed(0)
-    path = smollm2_hf_dir()
-    gguf = fetch_smollm2_gguf(cache_dir())
+    if args.model == "1b":
+        from quant_1b import make_model
+
+        path = make_model(smollm2_hf_dir(), cache_dir() / "bench" / "random-1b")
+        gguf, gguf_type = quantized(path, "int4", fmt="gguf"), "Q4_0"
+    else:
+        path = smollm2_hf_dir()
+        gguf, gguf_type = fetch_smollm2_gguf(cache_dir()), "Q4_1"
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(100, 40000, (PROMPT_LEN,), generator=gen).tolist() for _ in range(32)]
     reps = args.reps
     rows: dict[str, tuple[float, float]] = {}
     if not args.skip_decode:
-        decode_section(args, path, gguf, rows)
+        decode_section(args, path, gguf, gguf_type, rows)
+        if args.model == "1b":
+            load_section(args, path, gguf, gguf_type)
     if args.skip_load:
         return
     print(f"\n## load: {PROMPT_LEN}-token prompts, {OUTPUT_LEN} output tokens: aggregate output tokens/s and per CPU-second of the server", flush=True)
@@ -277,7 +329,7 @@ def main() -> None:
     int4 = quantized(path, "int4")
     threads = f" --threads {args.threads}" if args.threads else ""
     template = "mlc serve {model} --port {port} --dtype bfloat16 --kv-cache-memory 1GiB --max-model-len 1024 {compile?--compile}" + threads
-    points = bench_sweep(template, {}, {"model": f"{path},{int4}", "compile": "0,1" if args.compile else "0"}, path)
+    points = bench_sweep(template, {}, {"model": f"{path},{int4}", "compile": "0,1" if args.compile else "0"}, path, concurrency=args.concurrency)
     named = {}
     for p in points:
         kind = "int4" if p["server_params"]["model"] == str(int4) else "bf16"
@@ -288,8 +340,8 @@ def main() -> None:
         server = llama_server()
         t = args.threads or os.cpu_count() or 2
         llama_template = f"{server} -m {gguf} --host 127.0.0.1 --port {{port}} -t {t} -tb {t} -c 16384 --parallel 32 --no-webui"
-        for p in bench_sweep(llama_template, {}, {}, path):
-            named["llama.cpp llama-server Q4_1", int(p["load_params"]["concurrency"])] = p
+        for p in bench_sweep(llama_template, {}, {}, path, concurrency=args.concurrency):
+            named[f"llama.cpp llama-server {gguf_type}", int(p["load_params"]["concurrency"])] = p
     print(f"{'server':32s} {'streams':>7s} {'tok/s':>8s} {'per CPU-s':>9s} {'TTFT p50':>9s} {'TTFT p99':>9s} {'TPOT p50':>9s} {'start':>6s}")
     for (name, conc), p in named.items():
         r = p["result"]
@@ -310,10 +362,10 @@ def main() -> None:
     if r32:
         print(f"mlc serve bf16 / transformers static batch 8 at 32 streams: {r32['output_throughput'] / hf8[0]:.2f}x wall, "
               f"{r32['output_tokens_per_server_cpu_s'] / hf8[1]:.2f}x per CPU-s (target >= 1.5x)")
-    vs("mlc serve bf16", "llama.cpp llama-server Q4_1")
-    vs("mlc serve int4", "llama.cpp llama-server Q4_1")
+    vs("mlc serve bf16", f"llama.cpp llama-server {gguf_type}")
+    vs("mlc serve int4", f"llama.cpp llama-server {gguf_type}")
     if args.compile:
-        vs("mlc serve bf16 --compile", "llama.cpp llama-server Q4_1")
+        vs("mlc serve bf16 --compile", f"llama.cpp llama-server {gguf_type}")
 
 
 if __name__ == "__main__":
