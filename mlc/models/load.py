@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -56,10 +56,13 @@ def load_model(
     path: str | os.PathLike,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
+    skip: Callable[[str], bool] | None = None,
 ) -> CausalLM:
     """Load an HF model directory into the native model; dtype defaults to the stored one.
 
     References (run:<id>, latest:<command>, Hub ids) are resolved by the commands, which pass a path.
+    Tensors whose name `skip` accepts are not read: they stay on the meta device for the caller to replace
+    (serve's --expert-offload reads experts on demand instead).
 
     The model remembers its directory in `model.source_dir`, so save_model can carry the tokenizer over.
     """
@@ -90,6 +93,8 @@ def load_model(
             want = shapes[name]
             if info.shape != want:
                 raise InputError(f"{path}: tensor {name} has shape {list(info.shape)}, config.json implies {list(want)}", "config.json does not match the weights")
+            if skip is not None and skip(name):
+                continue
             state[name] = tensors.read(name, dtype).to(device)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()

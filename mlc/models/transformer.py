@@ -190,6 +190,25 @@ class MixtralExpert(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class Experts(nn.ModuleList):
+    """A SparseMoE's routed experts, held in memory (a ModuleList: experts.<i>.<name> are the checkpoint's names).
+
+    `mix` is the one place the experts run, so a module with the same method can stand in for this one:
+    serve's --expert-offload swaps in one that reads experts from disk through a cache (serve/expert_cache.py).
+    """
+
+    def mix(self, flat: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum over slots of weights * expert(x) for each row of flat (tokens, hidden); chosen, weights: (tokens, top_k)."""
+        out = torch.zeros_like(flat)
+        # Loop over the experts that got tokens: each runs once on its tokens, as in transformers. The sums go in
+        # ascending expert order (floating-point addition of three or more terms depends on their order).
+        for e in chosen.unique().tolist():
+            token, slot = torch.where(chosen == e)
+            y = self[e](flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
 class SparseMoE(nn.Module):
     """Top-k routed experts (softmax, then top-k), plus Qwen2-MoE's sigmoid-gated shared expert."""
 
@@ -201,9 +220,9 @@ class SparseMoE(nn.Module):
         self.jitter = config.router_jitter_noise
         self.gate = Linear(hidden, n, bias=False)
         if config.model_type == "mixtral":
-            self.experts = nn.ModuleList(MixtralExpert(hidden, config.intermediate_size) for _ in range(n))
+            self.experts = Experts(MixtralExpert(hidden, config.intermediate_size) for _ in range(n))
         else:
-            self.experts = nn.ModuleList(MLP(hidden, config.moe_intermediate_size) for _ in range(n))
+            self.experts = Experts(MLP(hidden, config.moe_intermediate_size) for _ in range(n))
         if config.shared_expert_intermediate_size:
             self.shared_expert = MLP(hidden, config.shared_expert_intermediate_size)
             self.shared_expert_gate = Linear(hidden, 1, bias=False)
@@ -219,12 +238,7 @@ class SparseMoE(nn.Module):
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(flat)
-        # Loop over the experts that got tokens: each runs once on its tokens, as in transformers.
-        for e in chosen.unique().tolist():
-            token, slot = torch.where(chosen == e)
-            y = self.experts[e](flat[token]) * weights[token, slot, None]
-            out.index_add_(0, token, y.to(out.dtype))
+        out = self.experts.mix(flat, chosen, weights)
         if hasattr(self, "shared_expert"):
             out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
         return out.view(shape), router_logits

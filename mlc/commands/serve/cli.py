@@ -37,7 +37,12 @@ def serve(
     ),
     max_memory: str = typer.Option(
         None, help="Bytes (8GiB) or a fraction of free RAM for the weights plus KV caches of the models in memory at once; with "
-        "several models the least recently used idle one is unloaded to make room (default: no limit).",
+        "several models the least recently used idle one is unloaded to make room; with --expert-offload, what the other weights "
+        "and the KV cache leave of it holds the cached experts (default: no limit).",
+    ),
+    expert_offload: bool = typer.Option(
+        False, "--expert-offload", help="MoE models: keep the routed experts on disk and only a least-recently-used cache of them in "
+        "memory (sized by --max-memory), read ahead by the next layer's router. Same output as holding every expert.",
     ),
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
     compile: bool = typer.Option(
@@ -114,6 +119,14 @@ def serve(
         raise MlcUsageError("--max-memory does not count a draft model's weights yet", "leave out --max-memory with --draft")
     if max_memory is not None and (engine == "vllm" or given):
         raise MlcUsageError("--max-memory is for mlc's engine in one server", "leave it out with --engine vllm or replicas")
+    if expert_offload:
+        if engine == "vllm" or given or len(models) > 1:
+            raise MlcUsageError("--expert-offload is for mlc's engine serving one model", "leave out --engine vllm, --replicas and further models")
+        if max_memory is None:
+            raise MlcUsageError("--expert-offload needs --max-memory SIZE: the other weights, the KV cache and the cached experts together",
+                                "add e.g. --max-memory 1GiB")
+        if compile or lora or allow_runtime_lora:
+            raise MlcUsageError("--expert-offload does not cover --compile or LoRA adapters yet", "leave out --compile, --lora and --allow-runtime-lora")
     if engine == "vllm":
         from mlc.commands.serve.vllm import options_from_cli, serve_vllm
 
@@ -132,7 +145,7 @@ def serve(
         models[0], host, port, names[0] if names else None, dtype, kv_cache_memory, block_size, max_batched_tokens, max_running,
         max_model_len, max_queue, api_key, prefix_caching, grace_period, threads, compile, list(lora or []), allow_runtime_lora,
         num_speculative_tokens=num_speculative_tokens, more_models=models[1:], more_served_names=names[1:], max_memory=max_memory,
-        draft=draft,
+        draft=draft, expert_offload=expert_offload,
     )
     if (span := check_plan(replicas, min_replicas, max_replicas)) is not None:
         from mlc.commands.serve.replicas import ReplicaPlan, serve_replicas

@@ -40,6 +40,7 @@ class ServeConfig:
     more_served_names: list[str] = field(default_factory=list)  # their --served-model-name, in order (empty: the default names)
     max_memory: str | None = None  # weights + KV caches of the models in memory at once (None: no limit)
     draft: str | None = None  # a draft model (path or reference) of the same vocabulary, for speculative decoding
+    expert_offload: bool = False  # MoE experts stay on disk behind a cache sized by what max_memory leaves (expert_cache.py)
 
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 1024, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -106,7 +107,13 @@ def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: lis
     dtype_name = None if cfg.dtype == "auto" else cfg.dtype
     if dtype_name is None and "quantization_config" in read_config(path):
         dtype_name = "bfloat16"  # the int8/int4 CPU kernels are fast with bf16 activations, 10-40x slower with fp32
-    model = load_model(path, dtype=dtype_name)
+    if cfg.expert_offload:
+        from mlc.commands.serve.expert_cache import expert_capacity, load_offloaded
+
+        capacity = expert_capacity(path, cfg.dtype, budget, parse_memory(str(cfg.max_memory), available_memory(), "--max-memory"))
+        model = load_offloaded(path, dtype_name, capacity, fuse=True)
+    else:
+        model = load_model(path, dtype=dtype_name)
     fuse_projections(model)  # 4 matmuls per layer instead of 7: each small matmul has a fixed cost at batch 1
     lora = None
     if loras or cfg.allow_runtime_lora:
@@ -147,6 +154,10 @@ def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: lis
                           cfg.compile, cfg.num_speculative_tokens)
     grammars = GrammarFactory(tokenizer.backend.to_str(), mc.vocab_size, tokenizer.eos_token_ids)
     engine = Engine(model, tokenizer, config, metrics or ServeMetrics(name, max_len), grammars, lora, draft)
+    if cfg.expert_offload:
+        from mlc.commands.serve.expert_cache import register_metrics
+
+        register_metrics(model.expert_cache, engine.metrics.registry, engine.metrics.labels)
     return engine, tokenizer, grammars
 
 
@@ -167,7 +178,13 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
         if cfg.max_memory is not None:
             from mlc.commands.serve.footprint import check_fits, footprint
 
-            check_fits(name, footprint(path, cfg.dtype, budget), parse_memory(cfg.max_memory, available_memory(), "--max-memory"))
+            max_memory = parse_memory(cfg.max_memory, available_memory(), "--max-memory")
+            if cfg.expert_offload:  # the experts need not fit: what the rest leaves of max_memory caches them
+                from mlc.commands.serve.expert_cache import expert_capacity
+
+                expert_capacity(path, cfg.dtype, budget, max_memory)
+            else:
+                check_fits(name, footprint(path, cfg.dtype, budget), max_memory)
         loras = [(n, run.add_input(ref, role=f"lora:{n}")) for n, ref in parse_loras(cfg.lora, name)]
         draft_path = run.add_input(cfg.draft, role="draft") if cfg.draft else None
         if draft_path is not None:
@@ -215,6 +232,10 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
             state.engine.stop()
         engine_thread.join()
         summary = state.metrics.summary() if state.metrics is not None else {}
+        if (cache := getattr(getattr(state.engine, "model", None), "expert_cache", None)) is not None:
+            from mlc.commands.serve.expert_cache import log_summary
+
+            summary |= log_summary(cache)
         run.log_metrics(summary)
         run.set_summary(**summary)
         if state.load_error is not None:
