@@ -220,18 +220,22 @@ class CheckpointManager:
         return path
 
     def _save_async(self, path: Path, step: int, state: TrainState, trainer: dict[str, Any], rank: int, world: int) -> Path:
-        """Write the small files now, the tensors in the background; the marker follows them there (rank 0)."""
-        error: BaseException | None = None
-        try:
-            # RNG states and the trainer record describe this step: taken now, before training moves on.
-            torch.save(rng_state(), path / f"rng-rank{rank}.pt")
-            if rank == 0:
-                atomic_write_json(path / "trainer.json", {**trainer, "step": step, "world_size": world})
-        except OSError as e:
-            error = e
-        self._abandon_if_any_failed(path, state, error)
+        """Stage the tensors now and write everything in the background; the marker follows there (rank 0).
+
+        The RNG states and the trainer record describe this step: taken now, written in the background with the
+        tensors (their fsync no longer blocks the loop)."""
+        rng, record = rng_state(), {**trainer, "step": step, "world_size": world}
 
         def finalize() -> None:
+            error: BaseException | None = None
+            try:
+                torch.save(rng, path / f"rng-rank{rank}.pt")
+                if rank == 0:
+                    atomic_write_json(path / "trainer.json", record)
+            except OSError as e:
+                error = e
+            if self.writer.any_failed(error):  # every rank's small files are in place before the marker, or none is
+                raise error or CheckpointError(f"another process could not write its part of checkpoint {path}")
             faults.maybe_kill("in-save", step)
             if rank == 0:
                 atomic_write_json(path / MARKER, {"step": step, "world_size": world})

@@ -38,3 +38,40 @@ def test_a_second_async_save_waits_for_the_first_and_prunes_after_completion(tmp
         manager.save(step, state, {"consumed_samples": step})
     manager.close()
     assert [s for s, _ in manager.steps(complete_only=False)] == [3]
+
+
+def test_async_and_sync_saves_of_the_same_state_hold_the_same_bytes(tmp_path):
+    """The reused staging buffers hold a copy: every saved tensor (weights, AdamW moments, step) and every other value
+    read back from the async checkpoint equals the sync one's, at the first save and at a later one (buffers reused)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model, opt = model_and_optimizer(0)
+    state = TrainState(model, [opt])
+    sync = CheckpointManager(tmp_path / "sync")
+    asyn = CheckpointManager(tmp_path / "async", async_save=True)
+    for step in (1, 2):
+        train_steps(model, opt, 1)
+        sync.save(step, state, {"consumed_samples": step})
+        asyn.save(step, state, {"consumed_samples": step})
+        train_steps(model, opt, 1)  # moves on while the async write may still run
+        asyn.wait()
+    asyn.close()
+    for step in (1, 2):
+        a, b = tmp_path / f"a{step}.pt", tmp_path / f"s{step}.pt"
+        dcp_to_torch_save(asyn.step_dir(step), a)
+        dcp_to_torch_save(sync.step_dir(step), b)
+        got, want = _flat(torch.load(a, weights_only=False)), _flat(torch.load(b, weights_only=False))
+        assert got.keys() == want.keys() and len(got) > 10
+        for key, value in want.items():
+            assert torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value, key
+        assert not torch.equal(got["train.model.0.weight"], model[0].weight.detach())  # the step's state, not the later one
+    assert torch.equal(torch.load(asyn.step_dir(2) / "rng-rank0.pt", weights_only=False)["torch"],
+                       torch.load(sync.step_dir(2) / "rng-rank0.pt", weights_only=False)["torch"])
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    if isinstance(tree, (list, tuple)):
+        return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}.").items()}
+    return {prefix[:-1]: tree}
