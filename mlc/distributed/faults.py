@@ -22,9 +22,6 @@ SIGNAL_ENV = "MLC_FAULT_SIGNAL"
 def maybe_kill(point: str, step: int) -> None:
     if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
-    kill = os.environ.get(ENV, "").split(":")
-    if kill[:2] == [point, str(step)] and (len(kill) == 2 or kill[2] == f"rank{os.environ.get('RANK', '0')}"):
-        os.kill(os.getpid(), signal.SIGKILL)
     wanted = os.environ.get(SIGNAL_ENV, "").split(":")
     if wanted[:2] == [point, str(step)] and len(wanted) >= 3:
         sig = signal.Signals[f"SIG{wanted[2]}"]
@@ -33,3 +30,7 @@ def maybe_kill(point: str, step: int) -> None:
                 os.kill(os.getppid(), sig)
         else:
             os.kill(os.getpid(), sig)
+    # After the signal: a launcher SIGKILLed by rank 0 and every worker killed make the whole trainer gone at once.
+    kill = os.environ.get(ENV, "").split(":")
+    if kill[:2] == [point, str(step)] and (len(kill) == 2 or kill[2] == f"rank{os.environ.get('RANK', '0')}"):
+        os.kill(os.getpid(), signal.SIGKILL)

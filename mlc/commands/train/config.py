@@ -142,6 +142,10 @@ class CheckpointSection(BaseModel):
     # Copy the state to host memory and write it in the background: the loop waits only for the copy. Same files,
     # same crash safety (a step counts once its marker is written, after every rank's write finished).
     async_save: bool = False
+    # In-memory snapshots (REFT): every k steps each rank's shard goes to a keeper process on its node that survives a
+    # crash of the trainer, with XOR parity in the peers' keepers; a resume uses one newer than the disk checkpoints.
+    snapshot_interval: AtLeast0 = 0  # steps between snapshots; 0: none
+    snapshot_keep_s: Annotated[float, Field(gt=0)] = 600.0  # a keeper exits after this long with no trainer connected
 
 
 class LogSection(BaseModel):
@@ -451,7 +455,7 @@ def fingerprint(config: TrainConfig) -> str:
     import json
 
     data = config.to_dict()
-    data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k not in ("resume", "async_save")}
+    data["checkpoint"] = {k: v for k, v in data["checkpoint"].items() if k not in ("resume", "async_save", "snapshot_interval", "snapshot_keep_s")}
     data["log"] = {}
     # How the work is split does not change the trajectory: a DDP run may resume under FSDP2 and vice versa.
     data["train"] = {k: v for k, v in data["train"].items() if k not in ("parallel", "compile", "tp_size")}

@@ -38,6 +38,7 @@ from mlc.distributed import dist as mdist
 from mlc.distributed.checkpoint import CheckpointManager, TrainState, seed_everything
 from mlc.distributed.flops import device_peak_flops
 from mlc.distributed.preemption import Preempted, Preemption
+from mlc.distributed.snapshot import Snapshots
 from mlc.errors import InputError
 from mlc.runs import Run
 
@@ -101,27 +102,39 @@ def _train(
     state = TrainState(model, optimizers, trainable_only=config.lora.enabled, extra=extra_state or None)
     manager = CheckpointManager(run_path / CHECKPOINTS, config.checkpoint.keep_last_k, async_save=config.checkpoint.async_save)
 
+    snapshots = _snapshots(config, info, run_path)
     start = 0
     latest = manager.latest()
-    if latest is not None:
-        diloco.check_resume(outer, latest, info.world_size)
-        trainer = manager.load(latest, state)
+    # A snapshot newer than the newest disk checkpoint (held by the keepers that outlived the last trainer) wins.
+    trainer = snapshots.restore(state, manager.steps()[-1][0] if latest else 0) if snapshots is not None else None
+    if trainer is not None or latest is not None:
+        if trainer is None:
+            diloco.check_resume(outer, latest, info.world_size)
+            trainer = manager.load(latest, state)
+            source = latest.name
+        else:
+            source = f"the in-memory snapshot of step {trainer['step']}"
+            if trainer["rebuilt_rank"] is not None:
+                source += f" (rank {trainer['rebuilt_rank']}'s shard rebuilt from the peers' parity)"
         start = trainer["step"]
         if trainer["consumed_samples"] != start * config.train.batch_size:
             raise InputError(
-                f"train.batch_size: the checkpoint in {latest} was trained with {trainer['consumed_samples'] // max(start, 1)} sequences per step",
+                f"train.batch_size: {source} was trained with {trainer['consumed_samples'] // max(start, 1)} sequences per step",
                 "resume with the batch size it was trained with (the data position counts global batches)",
             )
         if not trainer["rng_restored"]:  # another world size: per-process RNG streams cannot carry over
             seed_everything(tc.seed * 1000 + info.dp_rank + 7919 * start)
         if run is not None:
-            console.info(f"resuming run {run.id} from {latest.name} (saved on {trainer['world_size']} process(es), now {info.world_size})")
-            run.log(f"resumed from {latest.name} (saved on {trainer['world_size']} processes, now {info.world_size})")
-            run.log_metrics({"event": "resume", "step": start, "world_size": info.world_size})
+            console.info(f"resuming run {run.id} from {source} (saved on {trainer['world_size']} process(es), now {info.world_size})")
+            run.log(f"resumed from {source} (saved on {trainer['world_size']} processes, now {info.world_size})")
+            event = {"event": "resume", "step": start, "world_size": info.world_size}
+            if "rebuilt_rank" in trainer:
+                event.update(snapshot=start, rebuilt_rank=trainer["rebuilt_rank"])
+            run.log_metrics(event)
 
     dpo_mode = config.data.mode == "dpo"
     if dpo_mode:
-        seconds = attach_reference(model, {"train": data.train, "eval": data.eval}, run_path, latest is not None, mb, info, autocast(tc.precision, info.device))
+        seconds = attach_reference(model, {"train": data.train, "eval": data.eval}, run_path, start > 0, mb, info, autocast(tc.precision, info.device))
         if run is not None and seconds:
             run.log(f"reference log-probs of {len(data.train)} + {len(data.eval or [])} pairs computed in {seconds:.1f} s")
 
@@ -182,8 +195,14 @@ def _train(
                 display.update(done, values)
             last.update(values)
             progress = {"consumed_samples": done * B, "tokens": done * tokens_per_step}
-            if config.checkpoint.interval and done % config.checkpoint.interval == 0 and done < tc.steps:
+            on_disk = config.checkpoint.interval and done % config.checkpoint.interval == 0
+            if on_disk and done < tc.steps:
                 _checkpoint(manager, state, done, progress, run)
+            elif snapshots is not None and done % config.checkpoint.snapshot_interval == 0 and done < tc.steps:
+                t_snap = time.perf_counter()
+                snapshots.save(done, state, progress)
+                if run is not None:
+                    run.log_metrics({"event": "snapshot", "step": done, "blocking_s": round(time.perf_counter() - t_snap, 6)})
             faults.maybe_kill("after-step", done)
             if stop and done < tc.steps:
                 _stop_for_preemption(manager, state, done, progress, preemption, run)
@@ -201,6 +220,8 @@ def _train(
         if averages.ready(name):
             with averages.swapped_in(name):
                 export_final(model, config, run, info, data.tokenizer_dir, init_dir, average=name)
+    if snapshots is not None:
+        snapshots.close(run_completed=True)  # the keepers exit: a completed run is never resumed
     if sink is not None:
         sink.close()
     if run is None:
@@ -230,6 +251,14 @@ def _checkpoint(manager: CheckpointManager, state: TrainState, done: int, progre
         if manager.writer is not None and manager.writer.last_write_s is not None:
             event["previous_write_s"] = round(manager.writer.last_write_s, 6)  # the background write before this one
         run.log_metrics(event)
+
+
+def _snapshots(config: TrainConfig, info: mdist.DistInfo, run_path: Path) -> Snapshots | None:
+    """This rank's connection to its snapshot keeper (started if none runs), when checkpoint.snapshot_interval is set."""
+    if not config.checkpoint.snapshot_interval:
+        return None
+    layout = f"{config.train.parallel}/tp{info.tp_size}/lora{int(config.lora.enabled)}"
+    return Snapshots(run_path, info.rank, info.world_size, layout, config.checkpoint.snapshot_keep_s, info.is_main)
 
 
 def _evaluate(

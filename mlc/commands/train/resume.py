@@ -23,7 +23,7 @@ from typing import Iterator
 from mlc import options
 from mlc.commands.train.config import TrainConfig, fingerprint
 from mlc.distributed import dist as mdist
-from mlc.distributed import report
+from mlc.distributed import report, snapshot
 from mlc.distributed.checkpoint import CheckpointManager
 from mlc.distributed.preemption import Preempted
 from mlc.errors import InputError, MlcError
@@ -41,7 +41,7 @@ def find_resumable(runs_root: Path, print_: str) -> Path | None:
         if data.get("summary", {}).get("fingerprint") != print_:
             continue
         path = Path(data["path"])
-        if data["status"] in ("interrupted", "failed") and CheckpointManager(path / CHECKPOINTS).latest() is not None:
+        if data["status"] in ("interrupted", "failed") and _resumable(path):
             return path
         return None  # the newest one finished (or is running): start afresh
     return None
@@ -52,8 +52,13 @@ def run_of_launch(runs_root: Path, launch: str) -> Path | None:
     for data in query_runs(runs_root, command="train"):
         if data.get("summary", {}).get("launch_id") == launch:
             path = Path(data["path"])
-            return path if CheckpointManager(path / CHECKPOINTS).latest() is not None else None
+            return path if _resumable(path) else None
     return None
+
+
+def _resumable(path: Path) -> bool:
+    """A complete disk checkpoint, or in-memory snapshots (a keeper may still hold a newer state than any disk one)."""
+    return CheckpointManager(path / CHECKPOINTS).latest() is not None or snapshot.used_by(path)
 
 
 def choose_run(config: TrainConfig) -> Path | None:
