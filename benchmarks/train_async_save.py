@@ -10,8 +10,10 @@ an MLP of `layers` square fp32 matrices. Each save goes through mlc's Checkpoint
   async blocking    the time `save` took with async_save (staging copy to host memory + the small files)
   async write       the background write's wall time, started at the same save (not waited for by the loop)
   dd                `dd bs=4M conv=fdatasync` of the same number of bytes to the same directory: the disk's speed
+  staging           the copy to host memory alone, two ways on the same state: mlc's HostStaging (reused buffers,
+                    Tensor.copy_) and DCP's DefaultStager (storage by storage), which async_save used before
 
-Medians over --repeats; the machine is shared, so the ratio async/sync within the same run is what counts.
+Medians over --repeats (the first save of each kind allocates its buffers and is counted); the machine is shared, so the ratio async/sync within the same run is what counts.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ sys.path.insert(0, str(REPO))
 
 def main() -> None:
     import torch
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+    from torch.distributed.checkpoint.state_dict_saver import _stateful_to_state_dict
 
+    from mlc.distributed.async_save import HostStaging
     from mlc.distributed.checkpoint import CheckpointManager, TrainState
 
     ap = argparse.ArgumentParser()
@@ -50,13 +55,16 @@ def main() -> None:
     state = TrainState(model, [opt])
     nbytes = sum(p.numel() for p in model.parameters()) * 12
     work = Path(tempfile.mkdtemp(prefix="mlc-async-bench-", dir=args.dir))
+    host, default = HostStaging(), DefaultStager(StagingOptions(False, False, False, False))
 
     def step() -> None:
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1e-6)
 
-    figures: dict[str, list[float]] = {"sync_blocking_s": [], "async_blocking_s": [], "async_write_s": [], "dd_s": []}
+    figures: dict[str, list[float]] = {
+        "sync_blocking_s": [], "async_blocking_s": [], "async_write_s": [], "dd_s": [], "host_staging_s": [], "default_stager_s": [],
+    }
     try:
         sync = CheckpointManager(work / "sync", keep_last_k=1)
         asyn = CheckpointManager(work / "async", keep_last_k=1, async_save=True)
@@ -75,6 +83,11 @@ def main() -> None:
                            check=True, capture_output=True)
             figures["dd_s"].append(time.perf_counter() - t0)
             (work / "dd.bin").unlink()
+            for name, stager in (("host_staging_s", host), ("default_stager_s", default)):
+                state_dict = _stateful_to_state_dict({"train": state})
+                t0 = time.perf_counter()
+                stager.stage(state_dict)
+                figures[name].append(time.perf_counter() - t0)
         asyn.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -83,6 +96,8 @@ def main() -> None:
         "state_mb": round(nbytes / 1e6, 1),
         **{k: round(v, 4) for k, v in med.items()},
         "async_over_sync_blocking": round(med["async_blocking_s"] / med["sync_blocking_s"], 4),
+        "per_repeat_async_over_sync": [round(a / b, 4) for a, b in zip(figures["async_blocking_s"], figures["sync_blocking_s"])],
+        "default_stager_over_host_staging": round(med["default_stager_s"] / med["host_staging_s"], 2),
         "sync_write_mb_s": round(nbytes / 1e6 / med["sync_blocking_s"], 1),
         "async_write_mb_s": round(nbytes / 1e6 / med["async_write_s"], 1),
         "dd_mb_s": round(nbytes / 1e6 / med["dd_s"], 1),
