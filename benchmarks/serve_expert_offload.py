@@ -8,7 +8,9 @@ end. Each configuration runs in its own process (so peak RSS is its own): the en
 a ServeConfig as `mlc serve` builds it, then greedy completions of --tokens tokens are decoded for --prompts chat prompts,
 one at a time. Configurations: every expert in memory (no offload); --expert-offload with --max-memory set so that the
 cache holds 100%, 50% and 25% of the experts; and 50% with prefetch off (the LRU cache alone). Reported: decode tok/s
-(after the first token), its ratio to in-memory, the hit rate (hits / expert calls), experts prefetched and how many of
+(after the first token) and the process's CPU time per decoded token (prefetch thread included; steadier than wall
+time on a shared machine), its ratio to in-memory, the hit rate (hits / expert calls) in the decode steps and over
+everything (prefills included), experts prefetched and how many of
 those were used, MB read from disk (the page cache, once warm), peak RSS, and whether the tokens equal in-memory's.
 """
 
@@ -54,29 +56,32 @@ def child(model: Path, fraction: float | None, prefetch: bool, args: argparse.Na
             expert_cache.load_offloaded = functools.partial(expert_cache.load_offloaded, prefetch=False)
     engine, tokenizer, _ = load_engine(cfg, "moe", model, KV)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    tokens, decode_s, decoded = [], 0.0, 0
-    cpu0 = time.process_time()
+    cache = getattr(engine.model, "expert_cache", None)
+    tokens, decode_s, decode_cpu, decoded, decode_hits, decode_misses = [], 0.0, 0.0, 0, 0, 0
     for i, prompt in enumerate(PROMPTS[: args.prompts]):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
-        times: list[float] = []
+        times: list[tuple[float, float]] = []  # (wall, CPU of the process: the prefetch thread included) at each token
         out: list[int] = []
 
         def sink(ev, times=times, out=out) -> None:
             out.extend(ev.token_ids)
-            times.extend(time.perf_counter() for _ in ev.token_ids)
+            counts = (cache.hits, cache.misses) if cache is not None else (0, 0)
+            times.extend((time.perf_counter(), time.process_time(), *counts) for _ in ev.token_ids)
 
         engine.submit(GenerationRequest(str(i), ids, SamplingParams(temperature=0), max_tokens=args.tokens, ignore_eos=True), sink)
         with torch.inference_mode():
             engine.run_until_idle()
         tokens.append(out)
-        decode_s += times[-1] - times[0]
+        decode_s += times[-1][0] - times[0][0]
+        decode_cpu += times[-1][1] - times[0][1]
+        decode_hits += times[-1][2] - times[0][2]
+        decode_misses += times[-1][3] - times[0][3]
         decoded += len(out) - 1
-    result = {"tokens": tokens, "decode_tok_s": decoded / decode_s, "cpu_s": time.process_time() - cpu0, "rss_loaded": rss_loaded,
+    result = {"tokens": tokens, "decode_tok_s": decoded / decode_s, "cpu_ms_per_token": 1000 * decode_cpu / decoded, "rss_loaded": rss_loaded,
               "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
-    cache = getattr(engine.model, "expert_cache", None)
     if cache is not None:
         cache.close()
-        result |= cache.summary()
+        result |= cache.summary() | {"decode_hit_rate": decode_hits / (decode_hits + decode_misses)}
     return result
 
 
@@ -106,18 +111,18 @@ def main() -> None:
                    "--prompts", str(args.prompts), "--threads", str(args.threads), "--work", str(work)]
             r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
             rows.append((name, r))
-            print(f"{name}: {r['decode_tok_s']:.2f} tok/s, hit rate {r.get('expert_cache_hit_rate', 1.0):.3f}, peak RSS {r['peak_rss'] / 2**20:.0f} MiB",
+            print(f"{name}: {r['decode_tok_s']:.2f} tok/s, decode hit rate {r.get('decode_hit_rate', 1.0):.3f}, peak RSS {r['peak_rss'] / 2**20:.0f} MiB",
                   flush=True)
         base = rows[0][1]
-        print("\n| configuration | cache (MiB) | decode tok/s | vs in memory | hit rate | prefetched (used) | read (MiB) | peak RSS (MiB) | CPU s | tokens equal |")
+        print("\n| configuration | cache (MiB) | decode tok/s | vs in memory | hit rate decode (all) | prefetched (used) | read (MiB) | peak RSS (MiB) | decode CPU ms/token | tokens equal |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for name, r in rows:
             cache = f"{r['expert_cache_capacity_bytes'] / 2**20:.0f}" if "expert_cache_hits" in r else "all"
-            hit = f"{r['expert_cache_hit_rate']:.3f}" if "expert_cache_hits" in r else "-"
+            hit = f"{r['decode_hit_rate']:.3f} ({r['expert_cache_hit_rate']:.3f})" if "expert_cache_hits" in r else "-"
             pre = f"{r['expert_cache_prefetched']:.0f} ({r['expert_cache_prefetch_hits']:.0f})" if "expert_cache_hits" in r else "-"
             read = f"{r['expert_cache_loaded_bytes'] / 2**20:.0f}" if "expert_cache_hits" in r else "-"
             print(f"| {name} | {cache} | {r['decode_tok_s']:.2f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f}x | {hit} | {pre} | {read} | "
-                  f"{r['peak_rss'] / 2**20:.0f} | {r['cpu_s']:.0f} | {r['tokens'] == base['tokens']} |")
+                  f"{r['peak_rss'] / 2**20:.0f} | {r['cpu_ms_per_token']:.0f} | {r['tokens'] == base['tokens']} |")
         print(f"\nload average at end: {open('/proc/loadavg').read().strip()}")
     finally:
         if args.work == ap.get_default("work"):

@@ -55,8 +55,10 @@ def expert_calls(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tenso
 
 
 def held_bytes(cache: ExpertCache) -> int:
-    """Bytes of the expert tensors the cache holds right now, counted from the tensors themselves (reads in flight: as reserved)."""
-    return sum(sum(p.nbytes for p in e.module.parameters()) if e.module is not None else e.nbytes for e in cache.entries.values())
+    """Bytes of the expert tensors the cache holds right now, counted from the tensors themselves (reads in flight: as
+    reserved), with the buffers of the expert evicted last, kept for the next read."""
+    held = sum(sum(p.nbytes for p in e.module.parameters()) if e.module is not None else e.nbytes for e in cache.entries.values())
+    return held + (sum(t.nbytes for t in cache.spare.tensors.values()) if cache.spare is not None else 0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -90,11 +92,16 @@ def test_offloaded_logits_equal_the_in_memory_models_under_a_small_budget(moe, d
 
 
 def test_lru_order_on_a_hand_made_sequence():
-    read = []
-    cache = ExpertCache(capacity=30, expert_bytes=10, read=lambda k: read.append(k) or k, build=lambda raw: f"module {raw}", prefetch=False)
-    for key in "abcad":  # a, b, c fill it; a is used again; d evicts b, the least recently used
+    reads = []
+
+    def read(key, spare):
+        reads.append((key, spare))
+        return key
+
+    cache = ExpertCache(capacity=30, expert_bytes=10, read=read, build=lambda raw: f"module {raw}", prefetch=False)
+    for key in "abcad":  # a, b, c fill it; a is used again; d evicts b, the least recently used, and is read into b's memory
         cache.get(key)
-    assert cache.keys() == ["c", "a", "d"] and read == ["a", "b", "c", "d"]
+    assert cache.keys() == ["c", "a", "d"] and reads == [("a", None), ("b", None), ("c", None), ("d", "b")]
     assert cache.get("b") == "module b" and cache.keys() == ["a", "d", "b"]  # c was least recent
     cache.get("d")
     assert cache.keys() == ["a", "b", "d"]
@@ -105,7 +112,7 @@ def test_lru_order_on_a_hand_made_sequence():
 
 
 def test_prefetch_reads_ahead_within_the_budget_without_evicting_protected_experts():
-    cache = ExpertCache(capacity=30, expert_bytes=10, read=lambda k: k, build=lambda raw: raw)
+    cache = ExpertCache(capacity=30, expert_bytes=10, read=lambda k, spare: k, build=lambda raw: raw)
     for key in "abc":
         cache.get(key)
     assert cache.prefetch(["x", "y", "z"], protect={"a", "b"}) == 1  # only c may go; reads in flight are never evicted
