@@ -47,7 +47,7 @@ def serve(
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
     compile: bool = typer.Option(
         False, "--compile/--no-compile",
-        help="torch.compile the decode steps: a slower start (minutes on a small CPU, compiled before serving), faster tokens.",
+        help="torch.compile the decode steps in the background (served eagerly until ready; cached in ~/.cache/mlc/compile): faster tokens.",
     ),
     engine: str = typer.Option("mlc", help="mlc, or vllm: hand MODEL to vLLM's OpenAI server (when installed; see serve/README.md)."),
     lora: Optional[List[str]] = typer.Option(

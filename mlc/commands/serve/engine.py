@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mlc.commands.serve.blocks import KVBlockPool
+from mlc.commands.serve.compiling import decode_kind
 from mlc.commands.serve.draft import DraftModel, Proposal, sample_result, seeded_sampling
 from mlc.commands.serve.metrics import ServeMetrics
 from mlc.commands.serve.scheduler import Scheduler, Sequence
@@ -49,7 +50,7 @@ class EngineConfig:
     max_model_len: int = 2048
     enable_prefix_caching: bool = True
     # torch.compile the steps that are all decodes (the steady state; prefill steps stay eager, so the
-    # many shapes of prompt chunks never wait on the compiler). See warm_up.
+    # many shapes of prompt chunks never wait on the compiler). See compiling.py.
     compile: bool = False
     # Speculative decoding: up to this many draft tokens per decode step (0: off), from the engine's draft model if it
     # has one (draft.py, decided in _verify_proposals), else by n-gram prompt lookup (speculative.py, decided in _verify).
@@ -142,10 +143,9 @@ class Engine:
         self.error: BaseException | None = None  # what ended the loop, if anything did
         self.running = False  # the loop is alive
         self.heartbeat = 0.0  # monotonic time the loop last came round
-        self._decode_forward = None
-        if config.compile:
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
-            self._decode_forward = torch.compile(model.forward)
+        self._decode_forward = None  # the compiled model.forward (compiling.py), used for decode steps of compiled_kinds
+        self.compiled_kinds: set[str] = set()
+        self.compiler: Any = None  # the DecodeCompiler of warm_up or compile_in_background
 
     # ----- called from any thread -----
     def start(self) -> None:
@@ -234,43 +234,29 @@ class Engine:
             self.running = False
 
     def warm_up(self) -> None:
-        """Compile the decode step before the first request (with `compile`; a no-op without).
+        """Compile the decode step now, in the calling thread, before serving (with `compile`; a no-op without).
 
-        Runs throwaway requests that produce each kind of decode step a server meets: one sequence
-        (no mask), a growing context (dynamic length), batches of unequal lengths (mask, dynamic batch
-        size) and batches of equal lengths (no mask, dynamic batch size), each below and at 16
-        sequences (where the quantised kernels switch from their decode to their GEMM path). After
-        these, serving 1 to 32 concurrent requests compiled nothing more on SmolLM2. Minutes on a small
-        CPU; torch caches the compiled code on disk, so a later start with the same model is faster.
-        Metrics and the prefix cache are left as they were.
+        See compiling.py; a failed compile is logged and leaves the engine eager. Metrics and the KV pool are untouched.
         """
-        if self._decode_forward is None:
-            return
-        metrics, self.metrics = self.metrics, ServeMetrics("warm-up")
-        errors: list[str] = []
+        if self.config.compile:
+            from mlc.commands.serve.compiling import DecodeCompiler
 
-        def sink(event: SeqEvent) -> None:
-            if event.error is not None:
-                errors.append(event.error)
+            self.compiler = DecodeCompiler(self)
+            self.compiler.run(inline=True)
 
-        try:
-            rounds = [(5,), (5, 8), (5, 8, 11), (6, 6), (6, 6, 6), tuple(range(5, 21)), (6,) * 16]
-            for r, lengths in enumerate(rounds):
-                for i, length in enumerate(lengths):
-                    prompt = [(7 * j + i) % self.vocab_size for j in range(length)]
-                    request = GenerationRequest(f"warm-up-{r}-{i}", prompt, SamplingParams(temperature=0), max_tokens=4, ignore_eos=True)
-                    self.submit(request, sink)
-                self.run_until_idle()
-                if errors:  # the step isolates faults per request: a failed compile shows up as failed requests
-                    raise RuntimeError(errors[0])
-        except Exception as e:  # noqa: BLE001 - no working compiler toolchain, an unsupported op: serve eagerly instead
-            log.warning("torch.compile of the decode step failed, serving without it: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
-            self._decode_forward = None
-            for rid in list(self._requests):
-                self._finish_request(rid, notify=False)
-        finally:
-            self.metrics = metrics
-        self.reset_prefix_cache()
+    def compile_in_background(self) -> None:
+        """Compile the decode step in a background thread while this engine serves eagerly (with `compile`; a no-op
+        without); each kind of decode step is swapped in between two steps once it is compiled (see compiling.py)."""
+        if self.config.compile:
+            from mlc.commands.serve.compiling import DecodeCompiler
+
+            self.compiler = DecodeCompiler(self)
+            self.compiler.start()
+
+    def use_compiled(self, forward: Any, kinds: list[str]) -> None:
+        """Run decode steps of these kinds through forward from the next step on (engine thread, or before the loop runs)."""
+        self._decode_forward = forward
+        self.compiled_kinds.update(kinds)
 
     def run_until_idle(self) -> None:
         """Step in the calling thread until every submitted request has finished (offline use, benchmarks)."""
@@ -449,7 +435,8 @@ class Engine:
         batch = PagedBatch(self.store, segments)
         input_ids = torch.tensor(ids, dtype=torch.long).unsqueeze(0)
         forward = self.model
-        if self._decode_forward is not None and batch.num_decodes == len(segments):
+        if self._decode_forward is not None and batch.num_decodes == len(segments) and \
+                decode_kind([s.start for s in segments]) in self.compiled_kinds:
             forward = self._decode_forward
         if self.lora is not None:
             self.lora.batch.groups = _adapter_rows(plan)

@@ -9,7 +9,8 @@ the engine's state (running and waiting sequences, KV blocks, prefix-cache and p
 is read when /metrics is scraped, by a collector bound to the engine once it is loaded. The series
 vLLM has deprecated but its example Grafana dashboard still reads (gpu_cache_usage_perc,
 time_per_output_token_seconds) are served too. Two series have no vLLM counterpart and keep mlc's
-prefix: mlc:kv_cache_free_blocks and mlc:kv_cache_total_blocks.
+prefix: mlc:kv_cache_free_blocks and mlc:kv_cache_total_blocks, and so do the --compile gauges
+(mlc:compiled_decode_kinds, mlc:decode_kinds_to_compile, mlc:compile_failed).
 """
 
 from __future__ import annotations
@@ -176,6 +177,11 @@ class _EngineCollector:
              lambda e: e.pool.usage),
             ("mlc:kv_cache_free_blocks", "KV-cache blocks free (cached prefixes included).", lambda e: e.pool.num_free),
             ("mlc:kv_cache_total_blocks", "KV-cache blocks in the pool.", lambda e: e.pool.num_blocks),
+            ("mlc:compiled_decode_kinds", "Kinds of decode step running compiled (--compile).", lambda e: len(e.compiled_kinds)),
+            ("mlc:decode_kinds_to_compile", "Kinds of decode step --compile compiles (0 without it).",
+             lambda e: len(e.compiler.kinds) if e.compiler is not None else 0),
+            ("mlc:compile_failed", "1 when --compile failed and the decode step stays eager (the log says why).",
+             lambda e: float(e.compiler is not None and e.compiler.state == "failed")),
         ):
             if live:
                 g = GaugeMetricFamily(name, doc, labels=LABELS)

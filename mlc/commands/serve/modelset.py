@@ -212,9 +212,7 @@ class ModelSet:
 
         try:
             result = load_engine(self.cfg, m.name, m.path, self.kv_bytes, metrics=m.metrics)
-            if self.cfg.compile:
-                console.info(f"compiling the decode step of {m.name} (torch.compile; minutes on a small CPU, less once cached)")
-                result[0].warm_up()
+            result[0].compile_in_background()  # with --compile (see compiling.py)
         except Exception as e:  # noqa: BLE001 - this model's requests get the error; the others are not touched
             self._call(self._loaded, m, done, began, None, e)
             return

@@ -45,8 +45,7 @@ class EngineReplica:
                 self.state.load_error = e
                 loaded.set()
                 return
-            if cfg.compile:
-                engine.warm_up()
+            engine.compile_in_background()  # with --compile (see compiling.py)
             engine.metrics.bind_engine(engine)
             self.state.tokenizer, self.state.grammars, self.state.max_model_len = tokenizer, grammars, engine.config.max_model_len
             self.state.metrics = engine.metrics

@@ -202,9 +202,7 @@ def serve(cfg: ServeConfig) -> dict[str, Any]:
                 state.load_error = e
                 server.should_exit = True
                 return
-            if cfg.compile:  # /health answers 503 (loading) until the decode step is compiled
-                console.info("compiling the decode step (torch.compile; minutes on a small CPU, less once cached)")
-                engine.warm_up()
+            engine.compile_in_background()  # with --compile: served eagerly until each kind of decode step is compiled
             engine.metrics.bind_engine(engine)
             state.tokenizer, state.grammars, state.max_model_len = tokenizer, grammars, engine.config.max_model_len
             state.metrics = engine.metrics
