@@ -7,7 +7,7 @@ every expert a copy of the dense MLP: 240 experts of 5.3 MB, 1.27 GB of 1.37 GB)
 end. Each configuration runs in its own process (so peak RSS is its own): the engine is built by serve's load_engine from
 a ServeConfig as `mlc serve` builds it, then greedy completions of --tokens tokens are decoded for --prompts chat prompts,
 one at a time. Configurations: every expert in memory (no offload); --expert-offload with --max-memory set so that the
-cache holds 100%, 50% and 25% of the experts; and 50% with prefetch off (the LRU cache alone). Reported: decode tok/s
+cache holds 100%, 50% and 25% of the experts; and 50% with --no-expert-prefetch (the LRU cache alone). Reported: decode tok/s
 (after the first token) and the process's CPU time per decoded token (prefetch thread included; steadier than wall
 time on a shared machine), its ratio to in-memory, the hit rate (hits / expert calls) in the decode steps and over
 everything (prefills included), experts prefetched and how many of
@@ -17,7 +17,6 @@ those were used, MB read from disk (the page cache, once warm), peak RSS, and wh
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import resource
 import shutil
@@ -51,9 +50,8 @@ def child(model: Path, fraction: float | None, prefetch: bool, args: argparse.Na
     if fraction is not None:
         sizes = expert_cache.expert_sizes(model, "auto")
         budget = sizes.other_bytes + KV + int(fraction * sizes.all_experts_bytes)
-        cfg = ServeConfig(str(model), max_model_len=512, threads=args.threads, expert_offload=True, max_memory=str(budget))
-        if not prefetch:
-            expert_cache.load_offloaded = functools.partial(expert_cache.load_offloaded, prefetch=False)
+        cfg = ServeConfig(str(model), max_model_len=512, threads=args.threads, expert_offload=True, max_memory=str(budget),
+                          expert_prefetch=prefetch)
     engine, tokenizer, _ = load_engine(cfg, "moe", model, KV)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cache = getattr(engine.model, "expert_cache", None)

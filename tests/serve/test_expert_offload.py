@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,9 @@ def test_the_engine_batches_offloaded_experts_into_the_same_greedy_tokens(moe, t
         got, engine = engine_tokens(offloaded, path, prompts, 10)
         assert got == want, path
         cache = engine.model.expert_cache
+        assert cache.prefetched > 0
+        alone, lru_only = engine_tokens(replace(offloaded, expert_prefetch=False), path, prompts, 10)  # --no-expert-prefetch
+        assert alone == want and lru_only.model.expert_cache.prefetched == 0
         assert cache.capacity == sizes.top_k * sizes.expert_bytes and cache.peak_resident_bytes <= cache.capacity
         series = engine.metrics.registry.get_sample_value
         assert series("mlc:expert_cache_misses_total", engine.metrics.labels) == cache.misses > 0

@@ -44,6 +44,10 @@ def serve(
         False, "--expert-offload", help="MoE models: keep the routed experts on disk and only a least-recently-used cache of them in "
         "memory (sized by --max-memory), read ahead by the next layer's router. Same output as holding every expert.",
     ),
+    expert_prefetch: bool = typer.Option(
+        True, "--expert-prefetch/--no-expert-prefetch", help="With --expert-offload: read the experts the next layer's router "
+        "predicts ahead, in a background thread (pays when reads wait on a disk while cores are free).",
+    ),
     threads: int = typer.Option(None, min=1, help="Torch CPU threads (default: all cores)."),
     compile: bool = typer.Option(
         False, "--compile/--no-compile",
@@ -119,6 +123,8 @@ def serve(
         raise MlcUsageError("--max-memory does not count a draft model's weights yet", "leave out --max-memory with --draft")
     if max_memory is not None and (engine == "vllm" or given):
         raise MlcUsageError("--max-memory is for mlc's engine in one server", "leave it out with --engine vllm or replicas")
+    if not expert_prefetch and not expert_offload:
+        raise MlcUsageError("--no-expert-prefetch is for --expert-offload", "add --expert-offload, or leave it out")
     if expert_offload:
         if engine == "vllm" or given or len(models) > 1:
             raise MlcUsageError("--expert-offload is for mlc's engine serving one model", "leave out --engine vllm, --replicas and further models")
@@ -145,7 +151,7 @@ def serve(
         models[0], host, port, names[0] if names else None, dtype, kv_cache_memory, block_size, max_batched_tokens, max_running,
         max_model_len, max_queue, api_key, prefix_caching, grace_period, threads, compile, list(lora or []), allow_runtime_lora,
         num_speculative_tokens=num_speculative_tokens, more_models=models[1:], more_served_names=names[1:], max_memory=max_memory,
-        draft=draft, expert_offload=expert_offload,
+        draft=draft, expert_offload=expert_offload, expert_prefetch=expert_prefetch,
     )
     if (span := check_plan(replicas, min_replicas, max_replicas)) is not None:
         from mlc.commands.serve.replicas import ReplicaPlan, serve_replicas

@@ -41,6 +41,7 @@ class ServeConfig:
     max_memory: str | None = None  # weights + KV caches of the models in memory at once (None: no limit)
     draft: str | None = None  # a draft model (path or reference) of the same vocabulary, for speculative decoding
     expert_offload: bool = False  # MoE experts stay on disk behind a cache sized by what max_memory leaves (expert_cache.py)
+    expert_prefetch: bool = True  # with expert_offload: read the experts the next layer's router predicts ahead
 
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 1024, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -111,7 +112,7 @@ def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: lis
         from mlc.commands.serve.expert_cache import expert_capacity, load_offloaded
 
         capacity = expert_capacity(path, cfg.dtype, budget, parse_memory(str(cfg.max_memory), available_memory(), "--max-memory"))
-        model = load_offloaded(path, dtype_name, capacity, fuse=True)
+        model = load_offloaded(path, dtype_name, capacity, fuse=True, prefetch=cfg.expert_prefetch)
     else:
         model = load_model(path, dtype=dtype_name)
     fuse_projections(model)  # 4 matmuls per layer instead of 7: each small matmul has a fixed cost at batch 1
