@@ -7,7 +7,8 @@
 A fault happens once: workers restarted by the launcher (--max-restarts) run without it.
 
 Points: `after-step` (once step N's update and metrics are done) and `in-save` (after the tensors of checkpoint N are
-written, before its completion marker).
+written, before its completion marker) and `after-snapshot` (once this rank's keeper holds the in-memory snapshot of
+step N and its parity; from the snapshot thread).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """In-memory snapshots that outlive the trainer (REFT, 2310.12670): the fast level below the disk checkpoints.
 
-Every `checkpoint.snapshot_interval` steps each rank serialises its own shard of the training state (the tensors
-DCP would save, as this rank holds them: DTensor shards as their local tensors; plus its RNG states and the data
-position) and hands the bytes to its *keeper*: a small process of its own on the same node, started by the rank in
+Every `checkpoint.snapshot_interval` steps each rank copies its own shard of the training state to host memory (the
+tensors DCP would save, as this rank holds them: DTensor shards as their local tensors; plus its RNG states and the
+data position): that copy is all the loop waits for. A thread then serialises it, exchanges the parity and hands the
+bytes to the rank's *keeper*: a small process of its own on the same node, started by the rank in
 a new session, so that a kill -9 of the rank, of its process group or of the launcher leaves it running. Keepers
 hold the bytes in their own memory and import no torch.
 
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -223,16 +225,43 @@ def run_token(run_path: Path, is_main: bool) -> str:
 
 class Snapshots:
     def __init__(self, run_path: Path, rank: int, world: int, layout: str, keep_s: float, is_main: bool):
-        """Connect this rank to its keeper (every rank calls this at the same point: the key is broadcast)."""
-        self.rank, self.world, self.layout = rank, world, layout
-        self.keeper = KeeperClient(keeper_name(run_path, rank), run_token(run_path, is_main), keep_s)
+        """Connect this rank to its keeper (every rank calls this at the same point: the key is broadcast and the
+        snapshot thread's process group created)."""
+        import torch.distributed as dist
+
+        self.rank, self.world, self.layout, self.keep_s = rank, world, layout, keep_s
+        self.name, self.token = keeper_name(run_path, rank), run_token(run_path, is_main)
+        self.keeper = KeeperClient(self.name, self.token, keep_s)
+        # The parity collectives run in the snapshot thread while the training thread uses the default group: a
+        # group of their own (gloo: host tensors), as the asynchronous checkpoint writer does.
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mlc-snapshot")
+        self.pending: Future | None = None
 
     # ---- saving ---------------------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, trainer: dict[str, Any]) -> None:
-        """Hand this rank's shard of step `step` to its keeper and its parity chunks to the peers' (every rank)."""
+        """Copy this rank's shard of step `step` to host memory now; serialise it, exchange the parity and hand both
+        to the keeper in the background (every rank). The previous snapshot is finished first."""
+        from mlc.distributed.checkpoint import rng_state
+
+        self.wait()
+        taken = {"state": _local_tree(state.state_dict()), "rng": rng_state(), "trainer": {**trainer, "step": step, "world_size": self.world}}
+        self.pending = self.pool.submit(self._store, step, taken)
+
+    def wait(self) -> None:
+        """Finish the snapshot in flight, if any (raises what it raised)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def _store(self, step: int, taken: dict[str, Any]) -> None:
         import torch
 
-        blob = _serialise(state, {**trainer, "step": step, "world_size": self.world})
+        from mlc.distributed import faults
+
+        buf = io.BytesIO()
+        torch.save(taken, buf)
+        blob = buf.getbuffer()
         lengths = self._lengths(len(blob))
         meta = {"world": self.world, "layout": self.layout, "lengths": lengths}
         parity = None
@@ -243,22 +272,32 @@ class Snapshots:
             c = padded.numel() // (self.world - 1)
             for j in range(self.world):
                 part = torch.zeros(c, dtype=torch.uint8) if j == self.rank else _chunk(padded, self.rank, j, c).clone()
-                part = part.to(_device())
-                dist.reduce(part, dst=j, op=dist.ReduceOp.BXOR)
+                dist.reduce(part, dst=j, op=dist.ReduceOp.BXOR, group=self.group)
                 if j == self.rank:
-                    parity = part.cpu()
-        self.keeper.call({"op": "put", "kind": "shard", "step": step, "meta": meta}, blob)
+                    parity = part
+        self._put({"op": "put", "kind": "shard", "step": step, "meta": meta}, blob)
         if parity is not None:
-            self.keeper.call({"op": "put", "kind": "parity", "step": step, "meta": meta}, parity.numpy().data)
+            self._put({"op": "put", "kind": "parity", "step": step, "meta": meta}, parity.numpy().data)
+        faults.maybe_kill("after-snapshot", step)
+
+    def _put(self, header: dict[str, Any], payload: Any) -> None:
+        """Hand bytes to the keeper; one that died meanwhile is replaced (its older snapshots are then the peers'
+        parity's to rebuild)."""
+        try:
+            self.keeper.call(header, payload)
+        except (ConnectionError, OSError):
+            self.keeper = KeeperClient(self.name, self.token, self.keep_s)
+            self.keeper.call(header, payload)
 
     def _lengths(self, n: int) -> list[int]:
         import torch
+        import torch.distributed as dist
 
-        from mlc.distributed import dist as mdist
-
-        counts = torch.zeros(self.world, dtype=torch.int64, device=_device())
+        counts = torch.zeros(self.world, dtype=torch.int64)
         counts[self.rank] = n
-        return [int(x) for x in mdist.all_reduce_sum(counts).tolist()]
+        if self.group is not None:
+            dist.all_reduce(counts, group=self.group)
+        return [int(x) for x in counts.tolist()]
 
     # ---- restoring ------------------------------------------------------------------------------------------------
     def restore(self, state: Any, newer_than: int) -> dict[str, Any] | None:
@@ -272,7 +311,7 @@ class Snapshots:
         step, missing = _choose(listings, newer_than, self.world, self.layout)
         if step is None:
             return None
-        blob: bytes | bytearray | None = None
+        blob: Any = None
         if missing != self.rank:
             blob = self.keeper.call({"op": "get", "kind": "shard", "step": step})[1]
         if missing is not None:
@@ -287,9 +326,8 @@ class Snapshots:
                     part = torch.frombuffer(self.keeper.call({"op": "get", "kind": "parity", "step": step})[1], dtype=torch.uint8).clone()
                 else:
                     part = _chunk(padded, self.rank, k, c).clone()
-                part = part.to(_device())
-                dist.reduce(part, dst=missing, op=dist.ReduceOp.BXOR)
-                chunks.append(part.cpu())
+                dist.reduce(part, dst=missing, op=dist.ReduceOp.BXOR, group=self.group)
+                chunks.append(part)
             if self.rank == missing:
                 blob = torch.cat(chunks)[: lengths[missing]].numpy().tobytes()
         trainer = _deserialise(state, blob)
@@ -297,14 +335,11 @@ class Snapshots:
         return trainer
 
     def close(self, run_completed: bool) -> None:
-        """Disconnect; when the run completed, the keeper exits (else it waits for a trainer, up to keep_s)."""
+        """Finish the snapshot in flight and disconnect; when the run completed, the keeper exits (else it waits for
+        a trainer, up to keep_s)."""
+        self.wait()
+        self.pool.shutdown(wait=True)
         self.keeper.close(done=run_completed)
-
-
-def _device():
-    from mlc.distributed import dist as mdist
-
-    return mdist.collective_device()
 
 
 def _all_gather(obj: Any, world: int) -> list[Any]:
@@ -350,16 +385,6 @@ def _chunk(padded, rank: int, peer: int, c: int):
     """Rank `rank`'s chunk destined for peer `peer`: chunks go to the other ranks in ascending order."""
     i = peer if peer < rank else peer - 1
     return padded[i * c : (i + 1) * c]
-
-
-def _serialise(state: Any, trainer: dict[str, Any]) -> bytes:
-    import torch
-
-    from mlc.distributed.checkpoint import rng_state
-
-    buf = io.BytesIO()
-    torch.save({"state": _local_tree(state.state_dict()), "rng": rng_state(), "trainer": trainer}, buf)
-    return buf.getvalue()
 
 
 def _deserialise(state: Any, blob: bytes | bytearray) -> dict[str, Any]:

@@ -72,8 +72,8 @@ def test_a_keeper_holds_the_two_newest_steps_and_exits_after_its_timeout_without
 
 @pytest.mark.slow
 def test_killed_trainer_resumes_from_memory_and_from_parity_bitwise(tmp_path):
-    """Uninterrupted reference; then kill -9 of every rank and of the launcher after step 5 (disk: step 4) -> resumed
-    from the snapshot of step 5 in the keepers; killed again after step 7, rank 1's keeper killed too -> resumed from
+    """Uninterrupted reference; then kill -9 of every rank and of the launcher after snapshot 5 (disk: step 4) -> resumed
+    from the snapshot of step 5 in the keepers; killed again after snapshot 7, rank 1's keeper killed too -> resumed from
     step 7 with rank 1's shard rebuilt from rank 0's parity. Loss curve and final weights bitwise the reference's."""
     config = write_config(tmp_path)
     ref_runs, runs = tmp_path / "ref", tmp_path / "runs"
@@ -83,14 +83,16 @@ def test_killed_trainer_resumes_from_memory_and_from_parity_bitwise(tmp_path):
     ref_curve = segments(ref)[0]
     assert sorted(ref_curve) == list(range(1, 9))
 
-    kill_all = {"MLC_FAULT_SIGNAL": "after-step:5:KILL:launcher", "MLC_FAULT_KILL": "after-step:5"}
+    # Snapshots are stored in the background: each process is killed once its keeper holds that step.
+    kill_all = {"MLC_FAULT_SIGNAL": "after-snapshot:5:KILL:launcher", "MLC_FAULT_KILL": "after-snapshot:5"}
     first = mlc_train(config, runs, *SETS, nproc=2, env=kill_all, check=False)
     assert first.returncode == -9  # the launcher itself was killed
     (run,) = train_runs(runs)
     assert [s for s, _ in _disk_steps(run)] == [4]
     assert sorted(keepers(run)) == [0, 1]  # both keepers outlived the trainer
 
-    second = mlc_train(config, runs, *SETS, nproc=2, env={**kill_all, "MLC_FAULT_SIGNAL": "after-step:7:KILL:launcher", "MLC_FAULT_KILL": "after-step:7"}, check=False)
+    kill_all = {"MLC_FAULT_SIGNAL": "after-snapshot:7:KILL:launcher", "MLC_FAULT_KILL": "after-snapshot:7"}
+    second = mlc_train(config, runs, *SETS, nproc=2, env=kill_all, check=False)
     assert second.returncode == -9
     assert [s for s, _ in _disk_steps(run)] == [4]  # no disk checkpoint newer than the snapshots
     os.kill(keepers(run)[1], signal.SIGKILL)  # rank 1's snapshot is lost with its keeper
@@ -100,8 +102,9 @@ def test_killed_trainer_resumes_from_memory_and_from_parity_bitwise(tmp_path):
     resumes = [m for m in metrics(run) if m.get("event") == "resume"]
     assert [(m["step"], m["snapshot"], m["rebuilt_rank"]) for m in resumes] == [(5, 5, None), (7, 7, 1)]
     seg1, seg2, seg3 = segments(run)
-    assert seg1 == {s: ref_curve[s] for s in range(1, 6)}
-    assert seg2 == {6: ref_curve[6], 7: ref_curve[7]} and seg3 == {8: ref_curve[8]}  # bitwise
+    # The loop may have run a step past the snapshot before its thread killed the process: that step is redone.
+    assert min(seg1) == 1 and max(seg1) in (5, 6) and min(seg2) == 6 and max(seg2) in (7, 8) and sorted(seg3) == [8]
+    assert all(seg[s] == ref_curve[s] for seg in (seg1, seg2, seg3) for s in seg)  # bitwise
     got, want = weights(run), weights(ref)
     assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
     assert not wait_gone(run)
