@@ -75,3 +75,31 @@ def _flat(tree, prefix: str = "") -> dict:
     if isinstance(tree, (list, tuple)):
         return {k: v for i, sub in enumerate(tree) for k, v in _flat(sub, f"{prefix}{i}.").items()}
     return {prefix[:-1]: tree}
+
+
+def test_the_first_optimizer_step_after_an_async_save_waits_for_the_staging_copy(tmp_path, monkeypatch):
+    """The copy to host memory runs while the next forward/backward read the tensors; a slow copy (held back 0.3 s
+    here) must still hold the state of the save's step, not the one the next optimizer step makes."""
+    import time
+
+    from mlc.distributed.async_save import HostStaging
+
+    slow_copy = HostStaging._copy
+
+    def held_back(self, *args):
+        time.sleep(0.3)
+        return slow_copy(self, *args)
+
+    monkeypatch.setattr(HostStaging, "_copy", held_back)
+    model, opt = model_and_optimizer(0)
+    train_steps(model, opt, 1)
+    manager = CheckpointManager(tmp_path / "ckpt", async_save=True)
+    manager.save(1, TrainState(model, [opt]), {"consumed_samples": 1})
+    saved = [p.detach().clone() for p in model.parameters()]
+    t0 = time.perf_counter()
+    train_steps(model, opt, 1)  # its optimizer step blocks until the copy is done
+    assert time.perf_counter() - t0 >= 0.2 and manager.writer.wait_s >= 0.2
+    manager.close()
+    other, other_opt = model_and_optimizer(1)
+    manager.load(manager.latest(), TrainState(other, [other_opt]))
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), saved))

@@ -250,6 +250,8 @@ def _checkpoint(manager: CheckpointManager, state: TrainState, done: int, progre
         event = {"event": "checkpoint", "step": done, "blocking_s": round(time.perf_counter() - t0, 6)}
         if manager.writer is not None and manager.writer.last_write_s is not None:
             event["previous_write_s"] = round(manager.writer.last_write_s, 6)  # the background write before this one
+        if manager.writer is not None:  # optimizer steps that waited for a staging copy, all saves so far together
+            event["staging_wait_s"] = round(manager.writer.wait_s, 6)
         run.log_metrics(event)
 
 
