@@ -1,6 +1,6 @@
 """Start-up of `mlc serve --compile` on SmolLM2-135M int4: seconds to /health 200 and to the compiled decode step, cold and warm.
 
-    nice -n 10 .venv/bin/python benchmarks/serve_compile_start.py [--tokens 64] [--reps 3] [--keep /tmp/compile-bench]
+    nice -n 10 .venv/bin/python benchmarks/serve_compile_start.py [--tokens 64] [--reps 3] [--max-running 128] [--keep DIR]
 
 Three launches of `mlc serve <SmolLM2 int4> --port P` (the int4 directory that benchmarks/serve_vs_peers.py makes under
 $MLC_CACHE/bench), each with its own MLC_CACHE so torch's compile cache starts where this benchmark says (mlc's own
@@ -70,13 +70,14 @@ def decode_rate(port: int, tokens: int, reps: int) -> float:
     return statistics.median(rates)
 
 
-def launch(model: Path, cache: Path, compile: bool, tokens: int, reps: int, log: Path) -> dict[str, float | None]:
+def launch(model: Path, cache: Path, compile: bool, tokens: int, reps: int, log: Path, max_running: int) -> dict[str, float | None]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MLC_CACHE": str(cache), "MLC_RUNS_DIR": str(cache / "runs")}
     cmd = [sys.executable, "-m", "mlc", "serve", str(model), "--port", str(port), "--served-model-name", "m",
-           "--kv-cache-memory", "256MiB", "--max-model-len", "1024", *(["--compile"] if compile else [])]
+           "--kv-cache-memory", "256MiB", "--max-model-len", "1024", "--max-running", str(max_running),
+           *(["--compile"] if compile else [])]
     usage0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
@@ -117,6 +118,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--max-running", type=int, default=128,
+                    help="the servers' --max-running (1: only the batch-1 decode step is compiled, a quicker run on a busy machine)")
     ap.add_argument("--keep", type=Path, default=None, help="work directory to keep (default: a temporary one, deleted)")
     args = ap.parse_args()
     model = quantized(smollm2_hf_dir(), "int4")
@@ -128,7 +131,7 @@ def main() -> None:
             (work / cache).mkdir(parents=True, exist_ok=True)
             if (cache_dir() / "kernels").is_dir() and not (work / cache / "kernels").exists():
                 shutil.copytree(cache_dir() / "kernels", work / cache / "kernels")
-            rows[name] = r = launch(model, work / cache, compile, args.tokens, args.reps, work / f"{name}.log")
+            rows[name] = r = launch(model, work / cache, compile, args.tokens, args.reps, work / f"{name}.log", args.max_running)
             print(f"{name:6s} " + "  ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
                   + f"   load {open('/proc/loadavg').read().split()[:3]}", flush=True)
         eager = rows["eager"]["tok_s"]

@@ -40,6 +40,9 @@ KINDS: list[tuple[str, list[tuple[int, ...]]]] = [
     ("equal-16", [(6,) * 16]),
 ]
 WARM_UP_TOKENS = 4
+# One compile at a time in a process (several models, `mlc serve A B`): they would share the cores anyway, and
+# TORCHINDUCTOR_CACHE_DIR, which names each one's cache directory, is one setting for the whole process.
+_ONE_AT_A_TIME = threading.Lock()
 
 
 def decode_kind(starts: list[int]) -> str:
@@ -117,14 +120,18 @@ class DecodeCompiler:
 
     def run(self, inline: bool = False) -> None:
         """Compile every kind in turn; inline=True installs each directly (the engine loop is not running)."""
+        with _ONE_AT_A_TIME:
+            self._run(inline)
+
+    def _run(self, inline: bool) -> None:
         engine = self.engine
         self.started = time.monotonic()
         hits0, misses0 = cache_counts()
         try:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
             self.cache = use_compile_cache(engine.model, engine.dtype)
-            console.info(f"compiling the decode step in the background (torch.compile, {len(self.kinds)} kinds of step; cache "
-                         f"{self.cache}); decoding eagerly until each is ready")
+            where = "" if inline else " in the background, decoding eagerly until each kind is ready"
+            console.info(f"compiling the decode step{where} (torch.compile, {len(self.kinds)} kinds of step; cache {self.cache})")
             scratch = self._scratch_engine()
             forward = torch.compile(engine.model.forward)
             scratch.use_compiled(forward, [k for k, _ in self.kinds])
