@@ -48,11 +48,16 @@ class PagedKVStore:
 
 @dataclass
 class Segment:
-    """The new tokens of one sequence in a step: positions start..start+length-1, over its block table."""
+    """The new tokens of one sequence in a step: cache entries start..start+length-1, over its block table.
+
+    An entry's index is its token's position unless the sequence's cache has dropped entries (KV eviction,
+    serve/kv_policy.py): then `position` is the RoPE position of the first new token, `start` where it goes.
+    """
 
     start: int
     length: int
     blocks: list[int]
+    position: int | None = None
 
 
 def slot_table(tables: list[list[int]], length: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -82,12 +87,13 @@ class PagedBatch:
             self.num_decodes += 1
         pos: list[int] = []
         for s in segments:
-            pos.extend(range(s.start, s.start + s.length))
+            first = s.start if s.position is None else s.position
+            pos.extend(range(first, first + s.length))
         self.position_ids = torch.tensor(pos, dtype=torch.long, device=device).unsqueeze(0)
         self.num_tokens = len(pos)
         # A new token's slot: its block's id times the block size, plus its offset in the block.
-        blocks_of_token = [s.blocks[p // bs] for s in segments for p in range(s.start, s.start + s.length)]
-        self.write_slots = torch.tensor(blocks_of_token, dtype=torch.long, device=device) * bs + self.position_ids[0] % bs
+        slots = [s.blocks[p // bs] * bs + p % bs for s in segments for p in range(s.start, s.start + s.length)]
+        self.write_slots = torch.tensor(slots, dtype=torch.long, device=device)
 
         # Decodes: gather every key of every decoding sequence, padded to the longest, masked past each length.
         self._decode_masks: dict[int | None, torch.Tensor | None] = {}

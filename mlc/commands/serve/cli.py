@@ -68,6 +68,11 @@ def serve(
         None, help="A draft model (directory, run:<id>, Hub id) of MODEL's vocabulary that proposes the --num-speculative-tokens "
         "tokens; MODEL verifies them by rejection sampling (same output distribution; greedy output identical).",
     ),
+    kv_policy: str = typer.Option(
+        "full", help="KV eviction for long contexts: full (keep every position), h2o (heavy hitters + recent window: a sequence's "
+        "KV stays at --kv-budget) or scope (the prompt kept whole, generated tokens held to --kv-budget). See serve/README.md.",
+    ),
+    kv_budget: int = typer.Option(None, help="With --kv-policy h2o or scope: KV positions each sequence keeps per layer (scope: past its prompt)."),
     vllm_arg: Optional[List[str]] = typer.Option(None, help="--engine vllm: one argument passed to `vllm serve` as is (repeatable)."),
     replicas: int = typer.Option(None, min=1, help="Serve N engine replicas on Ray Serve behind this endpoint (needs the ray extra)."),
     min_replicas: int = typer.Option(None, min=1, help="Autoscale the replicas on requests in flight, from this many ..."),
@@ -119,6 +124,20 @@ def serve(
                                 "serve adapters from a server with one base model")
         if draft is not None:
             raise MlcUsageError("--draft with several models: which model it drafts for would be ambiguous", "serve a draft with one model")
+    if kv_policy != "full" or kv_budget is not None:
+        from mlc.commands.serve.kv_policy import check_kv_policy
+
+        check_kv_policy(kv_policy, kv_budget)
+        if engine == "vllm":
+            raise MlcUsageError("--kv-policy is for mlc's engine", "leave it out with --engine vllm")
+        if num_speculative_tokens or draft is not None:
+            raise MlcUsageError(f"--kv-policy {kv_policy} does not cover speculative decoding", "leave out --num-speculative-tokens/--draft, or --kv-policy")
+        if compile:
+            raise MlcUsageError(f"--kv-policy {kv_policy} does not run under --compile yet", "leave out --compile, or --kv-policy")
+        if ctx.get_parameter_source("prefix_caching").name != "DEFAULT" and prefix_caching:
+            raise MlcUsageError(f"--kv-policy {kv_policy} rewrites KV blocks in place, so they cannot be shared by --prefix-caching",
+                                "leave out --prefix-caching (eviction turns it off)")
+        prefix_caching = False
     if draft is not None and max_memory is not None:
         raise MlcUsageError("--max-memory does not count a draft model's weights yet", "leave out --max-memory with --draft")
     if max_memory is not None and (engine == "vllm" or given):
@@ -151,7 +170,7 @@ def serve(
         models[0], host, port, names[0] if names else None, dtype, kv_cache_memory, block_size, max_batched_tokens, max_running,
         max_model_len, max_queue, api_key, prefix_caching, grace_period, threads, compile, list(lora or []), allow_runtime_lora,
         num_speculative_tokens=num_speculative_tokens, more_models=models[1:], more_served_names=names[1:], max_memory=max_memory,
-        draft=draft, expert_offload=expert_offload, expert_prefetch=expert_prefetch,
+        draft=draft, expert_offload=expert_offload, expert_prefetch=expert_prefetch, kv_policy=kv_policy, kv_budget=kv_budget,
     )
     if (span := check_plan(replicas, min_replicas, max_replicas)) is not None:
         from mlc.commands.serve.replicas import ReplicaPlan, serve_replicas

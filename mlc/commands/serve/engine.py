@@ -55,6 +55,10 @@ class EngineConfig:
     # Speculative decoding: up to this many draft tokens per decode step (0: off), from the engine's draft model if it
     # has one (draft.py, decided in _verify_proposals), else by n-gram prompt lookup (speculative.py, decided in _verify).
     speculative_tokens: int = 0
+    # KV eviction (kv_policy.py): "full" keeps every position; "h2o" or "scope" hold each sequence to kv_budget entries
+    # per layer (scope: its prompt's entries plus kv_budget).
+    kv_policy: str = "full"
+    kv_budget: int = 0
 
 
 @dataclass
@@ -128,6 +132,15 @@ class Engine:
         self.store = PagedKVStore(mc.num_hidden_layers, config.num_blocks, config.block_size, mc.num_key_value_heads, mc.head_dim, dtype)
         self.pool = KVBlockPool(config.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, config.max_batched_tokens, config.max_running)
+        self.evictor = None  # a KVEvictor (kv_policy.py) when the cache evicts, else None: every position is kept
+        if config.kv_policy != "full":
+            from mlc.commands.serve.kv_policy import MIN_BUDGET, KVEvictor, KVPolicy, engine_conflict
+
+            if config.kv_policy not in ("h2o", "scope") or config.kv_budget < MIN_BUDGET:
+                raise ValueError(f"kv_policy must be full, h2o or scope and kv_budget at least {MIN_BUDGET}")
+            if (conflict := engine_conflict(mc, config.enable_prefix_caching, config.speculative_tokens, config.compile)) is not None:
+                raise ValueError(conflict)
+            self.evictor = KVEvictor(KVPolicy(config.kv_policy, config.kv_budget), self.store, self.pool)
         self.metrics = metrics or ServeMetrics("model")
         self.grammars = grammars
         self.eos_ids = set(tokenizer.eos_token_ids)
@@ -318,7 +331,8 @@ class Engine:
                 seq = Sequence(self._seq_ids, list(request.prompt_ids), len(request.prompt_ids), arrival=request.arrival)
                 if request.adapter is not None:
                     seq.root_hash = seq.parent_hash = request.adapter.cache_salt
-                seq.leader = seqs[0] if seqs else None
+                # Siblings share their prompt's blocks, unless eviction will rewrite those blocks in place.
+                seq.leader = seqs[0] if seqs and self.evictor is None else None
                 sampler = SequenceSampler(request.params, self.vocab_size, request.prompt_ids, index=i)
                 matcher = self.grammars.matcher(request.grammar) if request.grammar is not None else None
                 seq.owner = SeqState(request, i, sink, sampler, TextStream(self.tokenizer, request.stop), matcher)
@@ -419,7 +433,7 @@ class Engine:
                 st.first_scheduled_at = now
                 st.cached_tokens = seq.num_computed
                 self.metrics.queue.observe(now - st.request.arrival)
-            segments.append(Segment(seq.num_computed, n, seq.blocks))
+            segments.append(Segment(seq.num_computed - seq.num_evicted, n, seq.blocks, seq.num_computed if seq.num_evicted else None))
             if st.drafts:  # the last token, then the drafts (not in seq.tokens until accepted)
                 ids.append(seq.tokens[seq.num_computed])
                 ids.extend(st.drafts)
@@ -432,7 +446,7 @@ class Engine:
             if seq.num_computed + n == len(seq.tokens):
                 last_rows.append(row - 1)
                 sampled.append(seq)
-        batch = PagedBatch(self.store, segments)
+        batch = PagedBatch(self.store, segments) if self.evictor is None else self.evictor.batch(segments)
         input_ids = torch.tensor(ids, dtype=torch.long).unsqueeze(0)
         forward = self.model
         if self._decode_forward is not None and batch.num_decodes == len(segments) and \
@@ -455,6 +469,8 @@ class Engine:
         logits, num_tokens, sampled = forwarded
         for seq, n in plan:
             self.scheduler.complete(seq, 1 if seq.owner.drafts else n)  # drafts count once accepted (_verify)
+        if self.evictor is not None:
+            self.evictor.after_step(plan)
         self.steps += 1
         self.metrics.iteration_tokens.observe(num_tokens)
         if not sampled:

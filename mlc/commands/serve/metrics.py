@@ -96,7 +96,7 @@ class ServeMetrics:
         values = tuple(self.labels.values())
         self.engine: Any = None  # the engine whose state is read on every scrape (bind_engine)
         self.bound = False  # an engine was bound once: its counters are reported from then on
-        self.carried = {"queries": 0.0, "hits": 0.0, "preemptions": 0.0}  # the counters of engines unbound (unloaded) before
+        self.carried = {"queries": 0.0, "hits": 0.0, "preemptions": 0.0, "evicted": 0.0}  # the counters of engines unbound (unloaded) before
         f.members.append(self)
         for name in ("prompt_tokens", "generation_tokens", "ttft", "itl", "tpot", "e2e", "queue", "inference", "prefill", "decode",
                      "prompt_len", "generation_len", "max_tokens", "max_generation_len", "params_n", "spec_drafts", "spec_draft_tokens",
@@ -130,6 +130,7 @@ class ServeMetrics:
             self.carried["queries"] += e.pool.prefix_queries
             self.carried["hits"] += e.pool.prefix_hits
             self.carried["preemptions"] += e.scheduler.num_preemptions
+            self.carried["evicted"] += e.evictor.num_evicted if e.evictor is not None else 0
         self.engine = None
 
     def render(self) -> bytes:
@@ -193,6 +194,8 @@ class _EngineCollector:
             ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.", "queries", lambda e: e.pool.prefix_queries),
             ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", "hits", lambda e: e.pool.prefix_hits),
             ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", "preemptions", lambda e: e.scheduler.num_preemptions),
+            ("mlc:kv_evicted_positions", "KV positions dropped by --kv-policy h2o or scope (a position counts once, not per layer).",
+             "evicted", lambda e: e.evictor.num_evicted if e.evictor is not None else 0),
         ):
             if bound:
                 c = CounterMetricFamily(name, doc, labels=LABELS)

@@ -40,6 +40,10 @@ class Sequence:
     root_hash: int = NO_PARENT
     num_preemptions: int = 0
     finished: bool = False
+    # KV eviction (kv_policy.py): positions dropped from this sequence's cache (the same number in every layer and head),
+    # so its cache holds num_computed - num_evicted entries; and the policy's state (the position and score of each entry).
+    num_evicted: int = 0
+    kv: Any = None
 
     @property
     def num_pending(self) -> int:
@@ -123,6 +127,8 @@ class Scheduler:
     def complete(self, seq: Sequence, n: int) -> None:
         """Record that the step computed n more tokens of seq; register its newly filled blocks."""
         seq.num_computed += n
+        if not self.pool.enable_prefix_caching:
+            return
         bs = self.pool.block_size
         while (seq.num_registered + 1) * bs <= seq.num_computed:
             i = seq.num_registered
@@ -166,7 +172,7 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         """Make seq's blocks cover n more tokens; False when the pool has too few free."""
-        need = -(-(seq.num_computed + n) // self.pool.block_size) - len(seq.blocks)
+        need = -(-(seq.num_computed - seq.num_evicted + n) // self.pool.block_size) - len(seq.blocks)
         if need <= 0:
             return True
         if need > self.pool.num_free:
@@ -177,8 +183,9 @@ class Scheduler:
     def _reset(self, seq: Sequence) -> None:
         self.pool.release(seq.blocks)
         seq.blocks = []
-        seq.num_computed = seq.num_registered = seq.num_draft_computed = 0
+        seq.num_computed = seq.num_registered = seq.num_draft_computed = seq.num_evicted = 0
         seq.parent_hash = seq.root_hash
+        seq.kv = None
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -42,6 +42,8 @@ class ServeConfig:
     draft: str | None = None  # a draft model (path or reference) of the same vocabulary, for speculative decoding
     expert_offload: bool = False  # MoE experts stay on disk behind a cache sized by what max_memory leaves (expert_cache.py)
     expert_prefetch: bool = True  # with expert_offload: read the experts the next layer's router predicts ahead
+    kv_policy: str = "full"  # KV eviction (kv_policy.py): full, h2o or scope
+    kv_budget: int | None = None  # with h2o or scope: KV positions a sequence keeps per layer
 
 
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 1024, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
@@ -137,22 +139,30 @@ def load_engine(cfg: ServeConfig, name: str, path: Path, budget: int, loras: lis
         per_block += kv_bytes_per_block(draft, cfg.block_size)
     num_blocks = budget // per_block
     capacity = num_blocks * cfg.block_size
-    max_len = cfg.max_model_len or min(mc.max_position_embeddings, capacity)
+    h2o = cfg.kv_policy == "h2o"  # a sequence holds its budget plus one step's tokens, whatever its length
+    max_len = cfg.max_model_len or (mc.max_position_embeddings if h2o else min(mc.max_position_embeddings, capacity))
     if max_len > mc.max_position_embeddings:
         raise InputError(f"--max-model-len {max_len} exceeds the model's {mc.max_position_embeddings} positions", "lower --max-model-len")
     if num_blocks < 2:
         raise InputError(f"a KV cache of {budget / 2**20:.1f} MiB holds {num_blocks} block(s) of {cfg.block_size} tokens", "raise --kv-cache-memory")
-    if capacity < max_len:
+    held = min(max_len, cfg.kv_budget + cfg.max_batched_tokens + cfg.block_size) if h2o else max_len
+    if capacity < held:
         raise InputError(
-            f"a KV cache of {budget / 2**20:.0f} MiB holds {capacity} tokens, fewer than --max-model-len {max_len}",
-            "raise --kv-cache-memory or lower --max-model-len",
+            f"a KV cache of {budget / 2**20:.0f} MiB holds {capacity} tokens, fewer than " + (
+                f"--kv-budget plus a step's --max-batched-tokens ({held})" if held < max_len else f"--max-model-len {max_len}"),
+            "raise --kv-cache-memory" + (", lower --kv-budget or --max-batched-tokens" if held < max_len else " or lower --max-model-len"),
         )
+    if cfg.kv_policy != "full":
+        from mlc.commands.serve.kv_policy import engine_conflict
+
+        if (conflict := engine_conflict(mc, cfg.enable_prefix_caching, cfg.num_speculative_tokens, cfg.compile)) is not None:
+            raise InputError(conflict, "serve it with --kv-policy full")
     if draft is not None:
         from mlc.commands.serve.draft import check_draft
 
         check_draft(draft, model, max_len)
     config = EngineConfig(num_blocks, cfg.block_size, cfg.max_batched_tokens, cfg.max_running, max_len, cfg.enable_prefix_caching,
-                          cfg.compile, cfg.num_speculative_tokens)
+                          cfg.compile, cfg.num_speculative_tokens, kv_policy=cfg.kv_policy, kv_budget=cfg.kv_budget or 0)
     grammars = GrammarFactory(tokenizer.backend.to_str(), mc.vocab_size, tokenizer.eos_token_ids)
     engine = Engine(model, tokenizer, config, metrics or ServeMetrics(name, max_len), grammars, lora, draft)
     if cfg.expert_offload:
