@@ -8,8 +8,8 @@ one engine per setting, on texts from mlc's bundled corpus:
   next token is the text's own (ForcedEngine below replaces only the sampler). Perplexity = exp(mean NLL) over all the
   continuations' tokens. SCOPE evicts only generated tokens' entries, so this is where its decode budget shows.
 - needle in a haystack: a pass-key sentence ("The pass key is 58213. Remember it. 58213 is the pass key.") inserted
-  at several depths of about --haystack-len tokens of train.txt paragraphs, then "What is the pass key? The pass key
-  is"; greedy, 8 tokens; retrieved when the key appears in the output. The prompt is the long part here, so this is
+  at several depths of about --haystack-len tokens of train.txt paragraphs, then "Quiz: what is the pass key? Answer: the pass
+  key is"; greedy, 8 tokens; retrieved when the key appears in the output. The prompt is the long part here, so this is
   where h2o's eviction of prompt entries shows (scope keeps every prompt entry).
 - KV memory: the most blocks any one sequence held during a step (after the scheduler reserved its step's blocks,
   before eviction) times the bytes of a block across all layers, and the blocks it held at its last step.
@@ -40,8 +40,10 @@ from mlc.models.tokenizer import load_tokenizer  # noqa: E402
 from tests.conftest import smollm2_hf_dir  # noqa: E402
 
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-INTRO = "There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
-QUESTION = "\n\nWhat is the pass key? The pass key is"
+# The wording that SmolLM2-135M answers at full attention (12/12 at 1,000 tokens; "What is the pass key? The pass key is"
+# without the quiz framing got 3/9 at 500).
+INTRO = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the pass key.\n\n"
+QUESTION = "\n\nQuiz: what is the pass key? Answer: the pass key is"
 
 
 class ForcedEngine(Engine):
@@ -146,7 +148,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--docs", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--continuation-len", type=int, default=640)
+    ap.add_argument("--continuation-len", type=int, default=512)
     ap.add_argument("--haystack-len", type=int, default=1000)
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     ap.add_argument("--keys", type=int, default=3)
