@@ -11,9 +11,10 @@ each cost a compile), stay eager. A failure in the compile thread only logs one 
 eagerly.
 
 torch's inductor keeps compiled graphs (FX-graph and AOTAutograd caches) and the built kernels in
-TORCHINDUCTOR_CACHE_DIR (and dynamo its record of the dimensions that vary); it is pointed at $MLC_CACHE/compile/<key>, the key naming what the code depends
-on (the model's shapes and layer types, dtypes, torch and mlc versions, the CPU's vector ISA, the thread
-count), so a second start with the same model loads its code instead of building it.
+TORCHINDUCTOR_CACHE_DIR, and dynamo its record of the dimensions that vary; that is pointed at
+$MLC_CACHE/compile/<key>, the key naming what the code depends on (the model's shapes and layer types, dtypes,
+torch and mlc versions, the CPU's vector ISA, the thread count), so a second start with the same model loads its
+code instead of building it.
 """
 
 from __future__ import annotations
