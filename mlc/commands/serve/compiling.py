@@ -166,14 +166,13 @@ class DecodeCompiler:
         shape guards hold for the real one) but are allocated lazily: only the few blocks the warm-up writes take memory."""
         from dataclasses import replace
 
-        from mlc.commands.serve.engine import Engine
         from mlc.commands.serve.metrics import ServeMetrics
 
         engine, config = self.engine, self.engine.config
         need = max(sum(-(-(n + WARM_UP_TOKENS) // config.block_size) for n in lengths) for _, rounds in self.kinds for lengths in rounds)
         config = replace(config, num_blocks=min(config.num_blocks, need + 2), enable_prefix_caching=False, compile=False,
                          speculative_tokens=0)
-        scratch = Engine(engine.model, engine.tokenizer, config, ServeMetrics("compile"))
+        scratch = type(engine)(engine.model, engine.tokenizer, config, ServeMetrics("compile"))
         real = engine.store
         scratch.store.k = [torch.empty(t.shape, dtype=t.dtype) for t in real.k]
         scratch.store.v = [torch.empty(t.shape, dtype=t.dtype) for t in real.v]
@@ -182,7 +181,7 @@ class DecodeCompiler:
 
     def _compile_kind(self, scratch: Any, kind: str, rounds: list[tuple[int, ...]]) -> None:
         """Run the throwaway requests of one kind through the scratch engine's compiled step."""
-        from mlc.commands.serve.engine import GenerationRequest, SeqEvent
+        from mlc.commands.serve.requests import GenerationRequest, SeqEvent
         from mlc.kernels.sampling import SamplingParams
 
         errors: list[str] = []

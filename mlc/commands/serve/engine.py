@@ -30,10 +30,11 @@ from mlc.commands.serve.blocks import KVBlockPool
 from mlc.commands.serve.compiling import decode_kind
 from mlc.commands.serve.draft import DraftModel, Proposal, sample_result, seeded_sampling
 from mlc.commands.serve.metrics import ServeMetrics
+from mlc.commands.serve.requests import GenerationRequest, SeqEvent
 from mlc.commands.serve.scheduler import Scheduler, Sequence
 from mlc.commands.serve.textstream import TextStream
 from mlc.kernels.paged_attention import PagedBatch, PagedKVStore, Segment
-from mlc.kernels.sampling import SampleResult, SamplingParams, SequenceSampler, sample
+from mlc.kernels.sampling import SampleResult, SequenceSampler, sample
 
 log = logging.getLogger("mlc.serve")
 
@@ -59,38 +60,6 @@ class EngineConfig:
     # per layer (scope: its prompt's entries plus kv_budget).
     kv_policy: str = "full"
     kv_budget: int = 0
-
-
-@dataclass
-class GenerationRequest:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    max_tokens: int = 16
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    grammar: str | None = None  # an llguidance grammar (structured output)
-    adapter: Any = None  # a LoraAdapter (lora.py) applied to this request's tokens, or None for the base model
-    arrival: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class SeqEvent:
-    """New output of one sequence (index i of its request) since its previous event."""
-
-    request_id: str
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[SampleResult]
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error" once finished
-    stop_reason: str | int | None = None  # the stop string or token id that ended it
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    error: str | None = None  # with finish_reason "error": what went wrong
 
 
 @dataclass(eq=False)
