@@ -6,8 +6,12 @@ and both are scored on mlc's held-out eval.txt with the same tokens and the same
 mlc with its weights dequantised exactly (fp32 compute, as benchmarks/quant_quality.py), llama.cpp with its own CPU
 kernels (which round the activations to Q8_0 for the quantised dot products). --hf DIR scores an existing quantised
 directory (e.g. an AWQ output) the same way.
+A setting with `--format gguf` (`"q4_k_m --format gguf"`) is written as GGUF by `mlc quantize` itself; mlc then scores
+the weights the file holds (gguf-py's dequantisation). --llama-quantize adds llama.cpp's own Q4_K_M of the same
+weights (llama_model_quantize on an F32 export), the peer of mlc's k-quant quantiser.
 
     .venv/bin/python benchmarks/quant_gguf_ppl.py MODEL_DIR --setting "int4 -g 64" --setting "int8" [--hf DIR]
+    .venv/bin/python benchmarks/quant_gguf_ppl.py MODEL_DIR --setting "q4_k_m --format gguf" --llama-quantize
 """
 
 from __future__ import annotations
@@ -56,6 +60,29 @@ def llama_cpp_perplexity(gguf_file: Path, ids: list[int]) -> float:
     return math.exp(nll / count)
 
 
+def llama_quantize_q4_k_m(model: Path, work: Path) -> Path:
+    """llama.cpp's own Q4_K_M of model (its quantiser, no importance matrix) from an F32 GGUF export; the file's path."""
+    import ctypes
+
+    import llama_cpp
+
+    from mlc.io.formats import ConvertOptions, get_format
+
+    src = work / "f32"
+    ckpt = get_format("hf").open(model, ConvertOptions())
+    get_format("gguf").write(ckpt, src, ConvertOptions(quant="F32"))
+    ckpt.close()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.nthread = 2
+    out = work / "llama-quantize"
+    out.mkdir()
+    if llama_cpp.llama_model_quantize(str(src / "model.gguf").encode(), str(out / "model.gguf").encode(), ctypes.byref(params)):
+        sys.exit("llama_model_quantize failed")
+    (src / "model.gguf").unlink()
+    return out
+
+
 def main() -> None:
     from quant_quality import perplexity_of, run_setting
 
@@ -63,9 +90,10 @@ def main() -> None:
     ap.add_argument("model", type=Path)
     ap.add_argument("--setting", action="append", default=[])
     ap.add_argument("--hf", action="append", default=[], type=Path, help="an existing quantised HF directory to export and score")
+    ap.add_argument("--llama-quantize", action="store_true", help="also score llama.cpp's own Q4_K_M of the model")
     args = ap.parse_args()
 
-    from mlc.commands.quantize.gguf_out import export_gguf
+    from mlc.commands.quantize.gguf_out import export_gguf, gguf_weights_model
     from mlc.data import eval_text_path
     from mlc.models import load_model
     from mlc.models.quant_load import load_quantized_model, quant_modules
@@ -77,8 +105,13 @@ def main() -> None:
         r = run_setting(args.model, setting, work / f"hf{i}", work / "runs")
         if "error" in r:
             sys.exit(f"{setting}: {r['error']}")
+        print(f"{setting}: mlc quantize {r['wall_seconds']:.1f} s wall, {r['cpu_seconds']:.1f} s CPU, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
         dirs.append((setting, work / f"hf{i}"))
     dirs += [(str(d), d) for d in args.hf]
+    if args.llama_quantize:
+        start = time.perf_counter()
+        dirs.append(("llama-quantize Q4_K_M", llama_quantize_q4_k_m(args.model, work)))
+        print(f"llama_model_quantize (with the F32 export): {time.perf_counter() - start:.1f} s wall", flush=True)
     ids = load_tokenizer(args.model).encode(eval_text_path().read_text(encoding="utf-8"))
     with torch.inference_mode():
         base = perplexity_of(load_model(args.model, dtype=torch.float32), ids)
@@ -86,13 +119,17 @@ def main() -> None:
     print("| setting | GGUF types | GGUF MB | mlc perplexity | llama.cpp perplexity | llama.cpp / mlc | llama.cpp s |")
     print("|---|---|---|---|---|---|---|")
     for setting, hf in dirs:
-        out = work / f"gguf-{hf.name}"
-        out.mkdir()
-        export_gguf(hf, out)
-        with torch.inference_mode():
+        if (hf / "model.gguf").is_file():  # written as GGUF already: mlc scores the weights the file holds
+            out = hf
+            model = gguf_weights_model(args.model, out / "model.gguf")
+        else:
+            out = work / f"gguf-{hf.name}"
+            out.mkdir()
+            export_gguf(hf, out)
             model = load_quantized_model(hf, dtype=torch.float32)
             for m in quant_modules(model).values():
                 m.exact = True
+        with torch.inference_mode():
             mine = perplexity_of(model, ids)
             del model
         import gguf

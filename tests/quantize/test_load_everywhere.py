@@ -37,7 +37,8 @@ def _scheme_of(name: str) -> str:
 def test_every_registered_scheme_is_covered():
     from mlc import plugins
 
-    registered = set(plugins.available("quant_schemes"))
+    # q4_k_m writes GGUF only (tests/quantize/test_kquants.py): no HF layout for transformers to load.
+    registered = set(plugins.available("quant_schemes")) - {"q4_k_m"}
     assert registered <= {_scheme_of(n) for n in SCHEMES}
     assert set(SCHEMES) == set(TRANSFORMERS)
 

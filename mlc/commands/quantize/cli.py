@@ -14,7 +14,7 @@ app = new_app("Quantise a model's weights (int8, int4, nf4, fp8, llm-int8, gptq,
 SCHEMES_HELP = (
     "Scheme plugin: int8 | int4 [--group-size 32/64/128, --asymmetric] | nf4 [--group-size] | fp8 | "
     "llm-int8 | gptq [--bits 4/8, --group-size, --asymmetric, --no-act-order] | awq [--bits 4/8, --group-size, --asymmetric] | daq [--codebook nf4/fp4, --group-size] | "
-    "mixed (--target-bits B | --target-size BYTES)."
+    "mixed (--target-bits B | --target-size BYTES) | q4_k_m (--format gguf: llama.cpp's Q4_K_M mix, from the full-precision weights)."
 )
 
 
@@ -36,7 +36,8 @@ def quantize(
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", help="Keep layers matching this shell pattern unquantised (repeatable), e.g. '*.down_proj'."),
     quantize_head: bool = typer.Option(False, "--quantize-head", help="Quantise lm_head too (a tied head is untied; the embeddings stay)."),
     out_format: str = typer.Option("hf", "--format", help="hf: a Hugging Face directory (the layout of the scheme). gguf: OUT/model.gguf for llama.cpp, "
-                                   "the same integers as Q8_0 (int8) or Q4_0 (int4) blocks (int8, int4, gptq, awq, mixed; symmetric only)."),
+                                   "the same integers as Q8_0 (int8) or Q4_0 (int4) blocks (int8, int4, gptq, awq, mixed; symmetric only), "
+                                   "or --scheme q4_k_m: llama.cpp's k-quants, quantised from the source weights (k-quant grids cannot hold mlc's int4 exactly)."),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Measure perplexity before and after on the bundled held-out text."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable JSON on stdout."),

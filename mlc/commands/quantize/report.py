@@ -33,8 +33,11 @@ def _ppl(model: Any, ids: list[int], context: int, progress: Callable[[int, int]
 
 
 def evaluate_pair(model_dir: Path, quant_dir: Path, eval_text: Path, context: int,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Perplexity of the original (fp32) and of the quantised model (exact) on the same tokens."""
+                  progress: Callable[[str, int, int], None] | None = None, quantized: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Perplexity of the original (fp32) and of the quantised model (exact) on the same tokens.
+
+    quantized() builds the quantised model when it is not an HF directory (a GGUF file's weights).
+    """
     from mlc.models import load_model
     from mlc.models.quant_load import load_quantized_model, quant_modules
     from mlc.models.tokenizer import load_tokenizer
@@ -47,9 +50,12 @@ def evaluate_pair(model_dir: Path, quant_dir: Path, eval_text: Path, context: in
     context = min(context, model.config.max_position_embeddings)
     before = _ppl(model, ids, context, tick("perplexity of the original, windows"))
     del model
-    model = load_quantized_model(quant_dir, dtype=torch.float32)
-    for m in quant_modules(model).values():
-        m.exact = True
+    if quantized is not None:
+        model = quantized()
+    else:
+        model = load_quantized_model(quant_dir, dtype=torch.float32)
+        for m in quant_modules(model).values():
+            m.exact = True
     after = _ppl(model, ids, context, tick("perplexity of the quantised model, windows"))
     return {"eval_text": str(eval_text), "context": context, "tokens": before["tokens"],
             "perplexity_before": before["perplexity"], "perplexity_after": after["perplexity"],
@@ -107,7 +113,8 @@ def print_report(report: dict[str, Any]) -> None:
         gains = sorted(v["error_vs_rtn"] for v in plan["smoothed"].values())
         table.add_row("AWQ output error vs RTN", f"median x{gains[len(gains) // 2]:.3f} over {len(gains)} scaled groups")
     if report.get("format") == "gguf":
-        table.add_row("format", "GGUF (Q8_0/Q4_0 blocks of the same integers)")
+        what = "llama.cpp's Q4_K_M mix" if report["scheme"] == "q4_k_m" else "Q8_0/Q4_0 blocks of the same integers"
+        table.add_row("format", f"GGUF ({what})")
     console.out.print(table)
     worst = Table(title="largest weight errors (||W - Q(W)|| / ||W||)")
     for col in ("layer", "setting", "relative error"):

@@ -64,6 +64,20 @@ def _quantize_to_gguf(request: Any, staging: Path, model_dir: Path, evaluate: bo
     return result, quality
 
 
+def _k_quants_to_gguf(model_dir: Path, staging: Path, evaluate: bool, tick: Any) -> tuple[Any, dict[str, Any] | None]:
+    """staging/model.gguf in llama.cpp's Q4_K_M from the full-precision weights, and mlc's perplexity of the file's weights."""
+    from mlc.commands.quantize.gguf_out import export_k_quants, gguf_weights_model
+    from mlc.commands.quantize.report import evaluate_pair
+    from mlc.data import eval_text_path
+
+    result = export_k_quants(model_dir, staging, tick)
+    quality = None
+    if evaluate:
+        gguf_file = staging / "model.gguf"
+        quality = evaluate_pair(model_dir, staging, eval_text_path(), EVAL_CONTEXT, tick, lambda: gguf_weights_model(model_dir, gguf_file))
+    return result, quality
+
+
 def run_quantize(args: QuantizeArgs) -> dict[str, Any]:
     """Run `mlc quantize`; returns the report (also written to the run directory and printed)."""
     import torch
@@ -91,6 +105,12 @@ def run_quantize(args: QuantizeArgs) -> dict[str, Any]:
         from mlc.commands.quantize.gguf_out import check_gguf_scheme
 
         check_gguf_scheme(scheme, args.asymmetric)
+    if scheme.format == "gguf":
+        if args.out_format != "gguf":
+            raise MlcUsageError(f"--scheme {scheme.name} writes a GGUF file only", "add --format gguf")
+        if args.exclude or args.quantize_head:
+            raise MlcUsageError(f"--scheme {scheme.name} follows llama.cpp's per-tensor rule, which --exclude and --quantize-head do not change",
+                                "drop --exclude and --quantize-head")
     if not scheme.needs_calibration and (args.calib or args.samples or args.seq_len):
         raise MlcUsageError(f"scheme {scheme.name} rounds to nearest and uses no calibration", "drop --calib, --samples and --seq-len")
     samples, seq_len = args.samples or DEFAULT_SAMPLES, args.seq_len or DEFAULT_SEQ_LEN
@@ -115,7 +135,9 @@ def run_quantize(args: QuantizeArgs) -> dict[str, Any]:
         with progress() as tick:
             with run.artifact("model", kind="model", out=args.out, overwrite=args.overwrite,
                               meta={"scheme": scheme.name, "options": opts.given()}) as staging:
-                if args.out_format == "gguf":
+                if scheme.format == "gguf":
+                    result, quality = _k_quants_to_gguf(model_dir, staging, args.evaluate, tick)
+                elif args.out_format == "gguf":
                     result, quality = _quantize_to_gguf(request, staging, model_dir, args.evaluate, tick)
                 else:
                     result = quantize_model(request, staging, tick)

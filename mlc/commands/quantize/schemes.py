@@ -100,6 +100,11 @@ def _daq_options(o: SchemeOptions) -> SchemeOptions:
     return replace(o, group_size=_group("daq", o.group_size, 64, CODEBOOK_GROUPS), codebook=codebook)
 
 
+def _q4_k_m_options(o: SchemeOptions) -> SchemeOptions:
+    _reject("q4_k_m", o, set())
+    return o
+
+
 def _mixed_options(o: SchemeOptions) -> SchemeOptions:
     _reject("mixed", o, {"target_bits", "target_size"})
     if (o.target_bits is None) == (o.target_size is None):
@@ -175,3 +180,6 @@ AWQ = QuantScheme("awq", "AWQ: activation-aware input-channel scales searched on
 DAQ = QuantScheme("daq", "density-aware scale/zero search for nf4/fp4 on calibration data", "hessian", _daq_options, _daq, format="mlc")
 MIXED = QuantScheme("mixed", "per-layer int4/int8 by measured sensitivity to meet --target-bits/--target-size",
                     None, _mixed_options, None, plan=_mixed_plan)
+# GGUF only: llama.cpp's own k-quant mix, quantised from the full-precision weights by the GGUF writer (gguf_out.py).
+Q4_K_M = QuantScheme("q4_k_m", "llama.cpp's Q4_K_M GGUF mix (Q4_K, Q6_K for half of attn_v/ffn_down and the output) from the full-precision weights; --format gguf",
+                     None, _q4_k_m_options, None, format="gguf")

@@ -1,9 +1,10 @@
 """Any opened checkpoint (HF tensor names + config + tokenizer) -> one GGUF file that llama.cpp loads.
 
 Written with the `gguf` package's GGUFWriter in its streaming order (tensor infos first, then each tensor's
-data as it is read), so memory holds one tensor. Quantised types are the ones gguf-py can quantise: Q8_0 and
-Q4_0; Q4_K (and the other k-quants) have only a dequantiser there, so mlc does not write them
-(llama.cpp's `llama-quantize` turns an F16 GGUF into any k-quant).
+data as it is read), so memory holds one tensor. Quantised types: Q8_0 and Q4_0 (gguf-py's quantisers), and
+Q4_K_M, llama.cpp's mix of Q4_K and Q6_K (mlc.kernels.kquants quantises those; gguf-py has only their
+dequantisers) with Q5_0/Q8_0 where rows are not whole 256-wide super-blocks. The other k-quants are not
+written (llama.cpp's `llama-quantize` turns an F16 GGUF into any of them).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from mlc.errors import InputError, MlcUsageError
 from mlc_gguf.weights import GLOBAL_NAMES, LAYER_NAMES
 
-QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0")
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "BF16": 32}  # llama.cpp's LlamaFileType
+QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M")
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "BF16": 32}  # llama.cpp's LlamaFileType
 ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 HF_TO_GGUF = {v: k for k, v in GLOBAL_NAMES.items()}
 LAYER_HF_TO_GGUF = {v: k for k, v in LAYER_NAMES.items() if "{" not in v and "shexp" not in k}
@@ -135,19 +136,24 @@ def encode(t: torch.Tensor, quant: str) -> tuple[np.ndarray, Any]:
     T = gguf.GGMLQuantizationType
     if t.ndim < 2 or quant == "F32":
         return t.float().numpy(), T.F32
-    if quant in ("Q8_0", "Q4_0") and t.shape[-1] % 32 == 0:
+    if quant in ("Q4_K", "Q6_K"):
+        from mlc.kernels.kquants import quantize_k
+
+        return quantize_k(t, quant)[0].numpy(), T[quant]
+    if quant in ("Q8_0", "Q5_0", "Q4_0") and t.shape[-1] % 32 == 0:
         return quantize(t.float().numpy(), T[quant]), T[quant]
     if quant == "BF16":
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(*t.shape[:-1], -1), T.BF16
     return t.to(torch.float16).numpy(), T.F16
 
 
-def write_gguf(ckpt: Any, out_file: Path, quant: str, int_weights: Callable[[str], Any] | None = None) -> None:
-    """Stream ckpt into out_file, every tensor in `quant` (1-D ones F32).
+def write_gguf(ckpt: Any, out_file: Path, quant: str, int_weights: Callable[[str], Any] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> None:
+    """Stream ckpt into out_file, every tensor in `quant` (1-D ones F32; Q4_K_M: each tensor's type by llama.cpp's rule).
 
     int_weights(HF name) gives mlc's integer weight (mlc.kernels.quant_weights.IntWeight) for a tensor that is
     already quantised, or None: those are stored as the GGML blocks holding the same integers (mlc_gguf.requant),
-    the others in `quant`, and the file type says the integer one.
+    the others in `quant`, and the file type says the integer one. progress(done, total) after each tensor.
     """
     import gguf
 
@@ -155,7 +161,7 @@ def write_gguf(ckpt: Any, out_file: Path, quant: str, int_weights: Callable[[str
 
     quant = quant.upper()
     if quant not in QUANTS:
-        raise MlcUsageError(f"--quant {quant} is not a GGUF type mlc writes", f"choose one of {', '.join(QUANTS)} (k-quants: run llama-quantize on an F16 export)")
+        raise MlcUsageError(f"--quant {quant} is not a GGUF type mlc writes", f"choose one of {', '.join(QUANTS)} (other k-quants: run llama-quantize on an F16 export)")
     config = ckpt.config
     if config is None:
         raise InputError(f"{ckpt.path} carries no model config, which GGUF export needs", "pass --config with the model's config.json")
@@ -189,12 +195,18 @@ def write_gguf(ckpt: Any, out_file: Path, quant: str, int_weights: Callable[[str
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_hparams(writer, config)
     add_tokenizer(writer, ckpt.assets, config)
+    has_output = any(e.name == "lm_head.weight" for e in entries)
     plan = []
     for e in entries:
         name = gguf_name(e.name)
         probe = torch.empty(e.shape, dtype=torch.float32, device="meta")
         if e.name in exact_types:
             qtype = exact_types[e.name]
+        elif quant == "Q4_K_M":
+            from mlc.kernels.kquants import q4_k_m_type
+
+            kind = q4_k_m_type(name, tuple(e.shape), int(config["num_hidden_layers"]), has_output)
+            qtype = gguf.GGMLQuantizationType[kind or "F32"]
         elif probe.ndim < 2 or quant == "F32":
             qtype = gguf.GGMLQuantizationType.F32
         elif quant in ("Q8_0", "Q4_0") and e.shape[-1] % 32 == 0:
@@ -210,7 +222,9 @@ def write_gguf(ckpt: Any, out_file: Path, quant: str, int_weights: Callable[[str
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for e, qtype in plan:
+    for i, (e, qtype) in enumerate(plan):
+        if progress:
+            progress(i, len(plan))
         if e.name in exact_types:
             array, written = encode_int(exact(e), e.name)
             assert written == qtype.name, (e.name, written, qtype)
@@ -224,3 +238,5 @@ def write_gguf(ckpt: Any, out_file: Path, quant: str, int_weights: Callable[[str
         writer.write_tensor_data(np.ascontiguousarray(array))
         del t, array
     writer.close()
+    if progress:
+        progress(len(plan), len(plan))

@@ -78,10 +78,10 @@ class GGUFFormat:
         return Opened("gguf", src, entries, lambda n: tensors[n].read(), config, assets, info, close)
 
     def write(self, ckpt: Any, out_dir: Path, options: Any) -> None:
-        """out_dir/model.gguf, in options.quant (default F16); options.extra["int_weights"]: see write_gguf."""
+        """out_dir/model.gguf, in options.quant (default F16); options.extra["int_weights"], ["progress"]: see write_gguf."""
         from mlc_gguf.export import write_gguf
 
-        write_gguf(ckpt, out_dir / OUT_FILE, options.quant or "F16", options.extra.get("int_weights"))
+        write_gguf(ckpt, out_dir / OUT_FILE, options.quant or "F16", options.extra.get("int_weights"), options.extra.get("progress"))
 
     def to_hf(self, src: Path, out_dir: Path, dtype: torch.dtype | None = None) -> None:
         """Write config.json, model.safetensors, tokenizer files and generation_config.json into out_dir."""
