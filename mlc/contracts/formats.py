@@ -53,7 +53,7 @@ class ConvertOptions:
     dtype: str | None = None  # cast floating weights on write (None keeps the stored dtype)
     with_optimizer: bool = False  # read and write optimizer state too
     max_shard_bytes: int = 5 * 2**30  # hf: size of one safetensors shard
-    quant: str | None = None  # gguf: F32, F16, BF16, Q8_0, Q4_0
+    quant: str | None = None  # gguf: F32, F16, BF16, Q8_0, Q4_0, Q4_K_M
     spec: str | None = None  # tp: a shipped spec name or a TOML file
     tp: int | None = None  # tp: how many tensor-parallel shards to write
     config: str | None = None  # a config.json (or its directory) for sources that carry none

@@ -150,3 +150,45 @@ def test_an_input_shared_by_several_linears_is_reduced_once_and_a_new_one_never_
     assert alive() is None
     expected = torch.full((4,), 7.0) if stat_name == "absmax" else torch.full((4, 4), 49.0)
     assert torch.equal(gate.value(), expected) and torch.equal(k.value(), expected / 7 ** (1 if stat_name == "absmax" else 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_absmax_statistic_is_max_abs_x_per_feature_also_for_signed_zeros_infinities_and_subnormals(dtype):
+    from mlc.commands.quantize.layerwise import abs_max
+
+    x = torch.randn(300, 7, generator=torch.Generator().manual_seed(0)).to(dtype) * 5
+    x[:, 0] = -0.0
+    x[3, 1] = -float("inf")
+    x[:, 2] = -torch.finfo(dtype).tiny / 4  # subnormal
+    x[5, 3] = -7.5
+    got = abs_max(x)
+    assert got.dtype == torch.float32 and torch.equal(got, x.abs().amax(dim=0).float())
+    assert got[0] == 0 and got[1] == float("inf") and got[3] >= 7.5
+
+
+def test_a_last_block_whose_outputs_nobody_reads_is_cut_short_with_the_same_statistics(small_model_dir):
+    # llm-int8's last block: its down_proj input is the last statistic; the down GEMM and residual are skipped.
+    from mlc.commands.quantize.layerwise import LayerJob, quantize_layerwise
+    from mlc.commands.quantize.quantize import meta_model
+    from mlc.io.safetensors_reader import ModelTensors
+
+    tokens = torch.randint(0, 2048, (3, 16), generator=torch.Generator().manual_seed(0))
+    seen: dict = {}
+
+    def job(name):
+        def quantize(w, stat):
+            seen[name] = stat.clone()
+            return llm_int8.quantize_llm_int8(w, stat)
+
+        return LayerJob("absmax", quantize)
+
+    def run(names):
+        seen.clear()
+        with ModelTensors(small_model_dir) as t:
+            quantize_layerwise(t, meta_model(small_model_dir), tokens, {n: job(n) for n in names}, lambda n, w, q: q)
+        return dict(seen)
+
+    last = [f"model.layers.3.{m}" for m in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")]
+    cut = run(last)
+    with_head = run(last + ["lm_head"])  # the same block when its outputs are needed (they feed lm_head)
+    assert cut.keys() == set(last) and all(torch.equal(cut[n], with_head[n]) for n in last)

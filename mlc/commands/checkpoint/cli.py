@@ -28,7 +28,7 @@ def convert(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Weight dtype: float32, bfloat16, float16 (default: as stored)."),
     with_optimizer: bool = typer.Option(False, "--with-optimizer", help="Keep optimizer state (dcp, universal, tp; default: model only)."),
     max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="hf: largest safetensors shard, e.g. 2GB (default 5GiB)."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="gguf: F32, F16, BF16, Q8_0 or Q4_0 (default: F16)."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="gguf: F32, F16, BF16, Q8_0, Q4_0 or Q4_K_M (llama.cpp's k-quant mix) (default: F16)."),
     spec: Optional[str] = typer.Option(None, "--spec", help="tp: the shard spec, a shipped name (megatron-llama, megatron-gpt) or a TOML file."),
     tp: Optional[int] = typer.Option(None, "--tp", help="tp: how many tensor-parallel shards to write."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json (or its HF directory) for sources that carry none (torch, tp)."),

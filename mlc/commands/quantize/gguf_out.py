@@ -98,13 +98,13 @@ def gguf_weights_model(model_dir: Path, gguf_file: Path) -> Any:
     from mlc.models import load_model
 
     model = load_model(model_dir, dtype=torch.float32)
+    params = model.state_dict()  # the model's own storage (a tied head shares the embeddings')
     dense = open_dense(gguf_file)
     try:
-        state = {n: dense.read(n, torch.float32) for n in dense.names() if n in model.state_dict()}
+        for name in dense.names():  # one tensor at a time: no second copy of the model
+            params[name].copy_(dense.read(name, torch.float32))
     finally:
         dense.close()
-    model.load_state_dict(state, strict=False)
-    model.tie_weights()
     return model.eval()
 
 

