@@ -69,6 +69,7 @@ def llama_quantize_q4_k_m(model: Path, work: Path) -> Path:
     from mlc.io.formats import ConvertOptions, get_format
 
     src = work / "f32"
+    src.mkdir()
     ckpt = get_format("hf").open(model, ConvertOptions())
     get_format("gguf").write(ckpt, src, ConvertOptions(quant="F32"))
     ckpt.close()
@@ -81,6 +82,26 @@ def llama_quantize_q4_k_m(model: Path, work: Path) -> Path:
         sys.exit("llama_model_quantize failed")
     (src / "model.gguf").unlink()
     return out
+
+
+def compare_files(mine: Path, theirs: Path) -> str:
+    """How mlc's Q4_K_M file compares with llama-quantize's: types per tensor, identical blocks, weight error."""
+    import gguf
+
+    a = {t.name: t for t in gguf.GGUFReader(mine).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    if a.keys() != b.keys():
+        return "different tensor names"
+    differ = [n for n in a if a[n].tensor_type != b[n].tensor_type]
+    same: dict[str, list[float]] = {}
+    for name, t in a.items():
+        if name in differ or t.tensor_type.name in ("F32", "F16"):
+            continue
+        size = gguf.GGML_QUANT_SIZES[t.tensor_type][1]
+        x, y = (np.asarray(u.data).reshape(-1, size) for u in (t, b[name]))
+        same.setdefault(t.tensor_type.name, []).extend(np.all(x == y, axis=1).tolist())
+    blocks = ", ".join(f"{k} {100 * np.mean(v):.2f}% of {len(v)}" for k, v in sorted(same.items()))
+    return f"tensor types differ in {len(differ)} of {len(a)} tensors; identical blocks: {blocks}"
 
 
 def main() -> None:
@@ -140,6 +161,9 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"| `{setting}` | {', '.join(types)} | {(out / 'model.gguf').stat().st_size / 1e6:.1f} | {mine:.4f} | {theirs:.4f} | "
               f"{theirs / mine:.4f} | {seconds:.0f} |", flush=True)
+    k_quants = [hf for setting, hf in dirs if setting.startswith("q4_k_m")]
+    if args.llama_quantize and k_quants:
+        print(f"\nmlc's Q4_K_M against llama-quantize's: {compare_files(k_quants[0] / 'model.gguf', work / 'llama-quantize' / 'model.gguf')}")
 
 
 if __name__ == "__main__":
