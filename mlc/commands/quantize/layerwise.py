@@ -253,8 +253,6 @@ def quantize_layerwise(
             needed = i < last or "lm_head" in jobs  # the last quantised block's outputs feed nothing that is quantised
             hidden = _calibrate_stage(layer, names, jobs, lambda h: layer(h, cos, sin)[0], hidden, rows, tensors, results, keep,
                                       outputs=needed, smooth=block_smooth)
-            if hidden is None:
-                break
         else:  # nothing to quantise here, but its outputs still feed the blocks that follow
             layer.to_empty(device="cpu")
             _materialize(layer, prefix, tensors, COMPUTE_DTYPE)
@@ -262,6 +260,8 @@ def quantize_layerwise(
         layers[i] = nn.Identity()  # free the block: its quantised weights are in results
         if progress:
             progress(i + 1, total)
+        if hidden is None:  # past the last quantised block, nothing that follows is needed
+            break
     if "lm_head" in jobs:
         norm, head = model.model.norm, model.lm_head
         norm.to_empty(device="cpu")
