@@ -128,16 +128,38 @@ print(json.dumps({"decode": [med([d[0] for d in decode]), med([d[1] for d in dec
 """
 
 
+# /proc/cpuinfo flag -> ggml's CMake option. Not -march=native: ggml's AMX matmul crashed (SIGSEGV in
+# ggml_backend_amx_mul_mat) in a VM whose CPU reports AMX. And not a fixed list: one made for a Xeon (AVX-VNNI) dies
+# with SIGILL on an AMD EPYC, which has AVX-512 VNNI but not the VEX-encoded AVX-VNNI.
+GGML_ISA = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "bmi2": "BMI2", "avx_vnni": "AVX_VNNI",
+            "avx512f": "AVX512", "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16"}
+
+
+def ggml_flags() -> list[str]:
+    """-DGGML_* options for the kernels this CPU has (AMX left out, see GGML_ISA)."""
+    have = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                break
+    return ["-DGGML_NATIVE=OFF", *(f"-DGGML_{opt}={'ON' if flag in have else 'OFF'}" for flag, opt in GGML_ISA.items())]
+
+
+def _isa_tag() -> str:
+    """Builds are kept per instruction-set choice: a cache copied from another CPU is not reused."""
+    import hashlib
+
+    return hashlib.sha256(" ".join(ggml_flags()).encode()).hexdigest()[:8]
+
+
 def llama_cpp_python() -> Path:
-    venv = cache_dir() / "bench" / "llamacpp-venv"
+    venv = cache_dir() / "bench" / f"llamacpp-venv-{_isa_tag()}"
     py = venv / "bin" / "python"
     if not py.exists() or subprocess.run([str(py), "-c", "import llama_cpp"], capture_output=True).returncode:
         print("installing llama-cpp-python into the benchmark venv (a one-time source build) ...", file=sys.stderr)
         subprocess.run([sys.base_prefix + "/bin/python3", "-m", "venv", str(venv)], check=True)
-        # Not -march=native: ggml's AMX matmul crashes (SIGSEGV in ggml_backend_amx_mul_mat) in this VM, whose CPU
-        # reports AMX. The same AVX-512 kernels (VNNI, BF16) without AMX.
-        flags = "NATIVE=OFF AVX=ON AVX2=ON FMA=ON F16C=ON BMI2=ON AVX_VNNI=ON AVX512=ON AVX512_VBMI=ON AVX512_VNNI=ON AVX512_BF16=ON"
-        env = {**os.environ, "CMAKE_ARGS": " ".join(f"-DGGML_{f}" for f in flags.split())}
+        env = {**os.environ, "CMAKE_ARGS": " ".join(ggml_flags())}
         subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-cache-dir", f"llama-cpp-python=={LLAMA_CPP_VERSION}"], check=True, env=env)
     return py
 
@@ -152,7 +174,8 @@ def llama_server() -> Path:
     """llama.cpp's own server, built once from the llama.cpp that the pinned llama-cpp-python vendors (same flags)."""
     src = cache_dir() / "bench" / "src"
     tree = src / f"llama_cpp_python-{LLAMA_CPP_VERSION}" / "vendor" / "llama.cpp"
-    binary = tree / "build" / "bin" / "llama-server"
+    build = tree / f"build-{_isa_tag()}"
+    binary = build / "bin" / "llama-server"
     if binary.exists():
         return binary
     print("building llama.cpp's llama-server (a one-time build) ...", file=sys.stderr)
@@ -160,11 +183,11 @@ def llama_server() -> Path:
     sdist = src / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
     if not sdist.exists():
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-d", str(src)], check=True)
-    subprocess.run(["tar", "xzf", str(sdist), "-C", str(src), f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp"], check=True)
-    flags = "NATIVE=OFF AVX=ON AVX2=ON FMA=ON F16C=ON BMI2=ON AVX_VNNI=ON AVX512=ON AVX512_VBMI=ON AVX512_VNNI=ON AVX512_BF16=ON"  # as llama_cpp_python()
-    subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *(f"-DGGML_{f}" for f in flags.split())], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(tree / "build"), "--target", "llama-server", "-j", str(os.cpu_count() or 2)], check=True, capture_output=True)
+    if not (tree / "CMakeLists.txt").exists():
+        subprocess.run(["tar", "xzf", str(sdist), "-C", str(src), f"llama_cpp_python-{LLAMA_CPP_VERSION}/vendor/llama.cpp"], check=True)
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(build), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+                    "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", *ggml_flags()], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)], check=True, capture_output=True)
     return binary
 
 
