@@ -3,12 +3,13 @@
 torch's CPU kernels cover almost everything mlc needs; this covers the spots of a bf16 decode step
 where they are far from the hardware (gemv_bf16.c, see benchmarks/RESULTS.md): the matrix-vector
 product (faster than torch.mv on AVX512_BF16 CPUs) and RMSNorm of a few rows (one call instead of
-torch's seven small ops); and one spot of int4 prefill (quant_int4.c): dequantising torch's int4 tiles
-to bf16 in one pass for the GEMM. The library is built with the system C compiler
+torch's seven small ops); and int4 (quant_int4.c): the decode product straight from torch's int4 tiles,
+and for prefill, dequantising those tiles to bf16 in one pass for the GEMM. The library is built with the system C compiler
 (`cc -O3 -march=native`, under a second) into the mlc cache, keyed by the source, the compiler and
 the CPU, so a cache shared between machines never runs code built for another CPU. Where it cannot
 be built (no compiler, no AVX512_BF16, MLC_NATIVE_KERNELS=0) callers fall back to torch, and the
-reason is kept in `unavailable_reason()`.
+reason is kept in `unavailable_reason()`. The decode products are also torch operators (mlc::gemv_bf16,
+mlc::int4pack_mm_bf16), which is how graphs built by torch.compile call them.
 """
 
 from __future__ import annotations
@@ -77,11 +78,14 @@ def _load() -> ctypes.CDLL | None:
     fn = lib.mlc_dequant_int4pack_t
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int]
     fn.restype = None
+    fn = lib.mlc_int4pack_mm_bf16
+    fn.argtypes = [*[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 4, ctypes.c_int, ctypes.c_int]
+    fn.restype = None
     return lib
 
 
 def _library() -> ctypes.CDLL | None:
-    if torch.compiler.is_compiling():  # a compiled graph cannot call into ctypes: torch's ops instead
+    if torch.compiler.is_compiling():  # a compiled graph cannot call into ctypes: custom ops (below) or torch's ops instead
         return None
     if "lib" not in _state:
         with _lock:
@@ -102,8 +106,15 @@ def unavailable_reason() -> str | None:
 def gemv_bf16(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     """weight [N, K] @ x [K] for contiguous bf16 CPU tensors, as a bf16 [N]; None where the kernel is not available.
 
-    No autograd: callers use it for inference only.
+    No autograd: callers use it for inference only. In a graph being compiled it is the custom op mlc::gemv_bf16
+    (this kernel at run time, torch.mv where the kernel is missing), so compiled steps keep it too.
     """
+    if torch.compiler.is_compiling():
+        return torch.ops.mlc.gemv_bf16(weight, x)
+    return _gemv_bf16(weight, x)
+
+
+def _gemv_bf16(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
     lib = _library()
     if lib is None or not weight.is_contiguous() or not x.is_contiguous():
         return None
@@ -138,3 +149,56 @@ def dequant_int4pack_t(tiles: torch.Tensor, scales_zeros: torch.Tensor, n: int, 
         return None
     lib.mlc_dequant_int4pack_t(tiles.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), n, k, group, r0, r1, torch.get_num_threads())
     return out[: k * (r1 - r0)].view(k, r1 - r0)
+
+
+def int4pack_mm_bf16(x: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int, has_zero: bool) -> torch.Tensor:
+    """x [M, K] @ W^T as bf16 [M, N] from torch's CPU int4 tiles (the decode product): mlc_int4pack_mm_bf16 where the
+    kernel is available, torch's `_weight_int4pack_mm_for_cpu` otherwise.
+
+    scales_zeros is the int4 kernel's bf16 [K/G, N, 2]; has_zero=False skips the zero terms (all zero). No autograd.
+    In a graph being compiled it is the custom op mlc::int4pack_mm_bf16, which makes the same choice at run time.
+    """
+    if torch.compiler.is_compiling():
+        return torch.ops.mlc.int4pack_mm_bf16(x, tiles, scales_zeros, group, has_zero)
+    return _int4pack_mm_bf16(x, tiles, scales_zeros, group, has_zero)
+
+
+def _int4pack_mm_bf16(x: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int, has_zero: bool) -> torch.Tensor:
+    x = x.to(torch.bfloat16).contiguous()
+    lib = _library()
+    if lib is None or not (tiles.is_contiguous() and scales_zeros.is_contiguous()) or group % 2:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tiles, group, scales_zeros)
+    m, k = x.shape
+    n = scales_zeros.shape[1]
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    lib.mlc_int4pack_mm_bf16(tiles.data_ptr(), scales_zeros.data_ptr(), x.data_ptr(), y.data_ptr(), m, n, k, group, int(has_zero),
+                             torch.get_num_threads())
+    return y
+
+
+# The kernels as torch operators, for graphs torch.compile builds: a compiled graph cannot trace into ctypes, and the
+# operator keeps the native kernel in the compiled step (where it is missing, the operator runs torch's own op).
+# torch.library.Library's plain CPU kernel costs less per call than torch.library.custom_op's wrapper (about 8
+# against 15 us here), which matters at a few hundred products per decode step.
+_ops = torch.library.Library("mlc", "FRAGMENT")
+_ops.define("gemv_bf16(Tensor weight, Tensor x) -> Tensor")
+_ops.define("int4pack_mm_bf16(Tensor x, Tensor tiles, Tensor scales_zeros, int group, bool has_zero) -> Tensor")
+
+
+def _gemv_bf16_op(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    y = _gemv_bf16(weight, x)
+    return y if y is not None else torch.mv(weight, x)
+
+
+_ops.impl("gemv_bf16", _gemv_bf16_op, "CPU")
+_ops.impl("int4pack_mm_bf16", _int4pack_mm_bf16, "CPU")
+
+
+@torch.library.register_fake("mlc::gemv_bf16", lib=_ops)
+def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return weight.new_empty(weight.shape[0])
+
+
+@torch.library.register_fake("mlc::int4pack_mm_bf16", lib=_ops)
+def _(x: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int, has_zero: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], scales_zeros.shape[1], dtype=torch.bfloat16)

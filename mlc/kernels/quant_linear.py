@@ -2,8 +2,9 @@
 
 A quantised model is the same model with these modules in place of nn.Linear (as in gpt-fast).
 On CPU (measured in benchmarks/quant_matmul.py, recorded in benchmarks/RESULTS.md):
-- decode (few rows): torch's packed kernels `_weight_int8pack_mm` and `_weight_int4pack_mm_for_cpu`,
-  fed bf16 activations (fp32 activations make the same kernels 15-40x slower);
+- decode (few rows): torch's packed kernel `_weight_int8pack_mm` for int8, fed bf16 activations (fp32
+  activations make it 15-40x slower); for int4, mlc's native kernel on torch's int4 tiles (quant_int4.c,
+  1.3-4x torch's `_weight_int4pack_mm_for_cpu`, which stays the fallback; benchmarks/int4_decode.py);
 - prefill (PREFILL_ROWS rows and up): dequantise the weight blockwise to bf16 and use the bf16 GEMM
   (AMX/AVX-512 where the CPU has them), several times faster than the packed kernels at M=256. int4
   dequantises a block of rows at a time in one pass with a native kernel (quant_int4.c), so the block
@@ -154,9 +155,9 @@ class IntLinear(QuantLinear):
             # Per-channel scale commutes with the GEMM: scale the [M, N] output, not the [N, K] weight.
             return _blockwise(x, self.out_features, lambda r0, r1, dt: self.q[r0:r1].to(dt)) * self._scale_bf16
         if self.path == "int4pack" and decode:
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x.to(torch.bfloat16).contiguous(), self._tiles, self.group_size, self._scales_and_zeros
-            )
+            from mlc.kernels import native
+
+            return native.int4pack_mm_bf16(x, self._tiles, self._scales_and_zeros, self.group_size, self.zero_point is not None)
         if self.path == "int4pack":
             y = self._int4_prefill_native(x)
             if y is not None:

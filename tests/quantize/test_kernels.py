@@ -196,3 +196,59 @@ def test_int4_prefill_takes_blocks_of_whole_tiles(monkeypatch):
     ref = x @ w.dequantize().T
     assert (module(x) - ref).abs().max() <= 1e-2 * ref.abs().max()
     assert (ql._blockwise(x, N, module._dequant_rows, 64) - ref).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group", [32, 128])
+def test_native_int4_decode_equals_the_fp32_product_rounded_once_to_bf16(symmetric, group):
+    """The decode kernel multiplies the stored integers exactly and accumulates in fp32: x @ W^T in fp32, with W the
+    weight the tiles and bf16 (scale, zero) pairs hold, rounded to bf16 once (ties and accumulation order can move
+    a rare output by one bf16 step). torch's int4 kernel, the fallback, agrees within the same step."""
+    from mlc.kernels import native
+
+    if not native.available():
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    gen = torch.Generator().manual_seed(group)
+    n, k = 192, 512
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=gen)
+    scale = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.001).to(torch.bfloat16)
+    zp = None if symmetric else torch.randint(-8, 8, (n, k // group), dtype=torch.int8, generator=gen)
+    module = ql.quant_linear(IntWeight(q, scale, zp, 4, group))
+    sz = module._scales_and_zeros.float()  # [K/G, N, (scale, zero)]: what the kernels compute with
+    weight = (q.float().view(n, k // group, group) * sz[..., 0].T[..., None] + sz[..., 1].T[..., None]).view(n, k)
+    for rows in (1, 3, 4, 5, 15):  # registers-only rows (up to 4) and the decode-once path for more
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        ref = x.float() @ weight.T
+        y = native.int4pack_mm_bf16(x, module._tiles, module._scales_and_zeros, group, not symmetric)
+        step = 2.0 ** -7 * ref.abs()  # one bf16 step (at most) of each output
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+        assert ((y.float() - ref).abs() <= step).all()
+        assert (y == ref.to(torch.bfloat16)).float().mean() > 0.99
+        torch_y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, module._tiles, group, module._scales_and_zeros)
+        assert ((y.float() - torch_y.float()).abs() <= 2 * step).all()
+        assert torch.equal(module(x), y)  # the module's decode path is this kernel
+
+
+def test_compiled_graphs_call_the_native_decode_kernels_as_operators():
+    """torch.compile traces int4 decode and the bf16 gemv to mlc's operators (not torch's fallbacks), same results."""
+    from mlc.kernels import native
+
+    targets: list[object] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    module = ql.quant_linear(_int4(False))
+    weight = torch.randn(128, K, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+
+    def step(x):
+        return module(x), native.gemv_bf16(weight, x[0])
+
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    with torch.inference_mode():
+        eager = step(x)
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend=backend, fullgraph=True)(x)
+    assert torch.ops.mlc.int4pack_mm_bf16 in targets and torch.ops.mlc.gemv_bf16 in targets
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
