@@ -11,10 +11,15 @@ each cost a compile), stay eager. A failure in the compile thread only logs one 
 eagerly.
 
 torch's inductor keeps compiled graphs (FX-graph and AOTAutograd caches) and the built kernels in
-TORCHINDUCTOR_CACHE_DIR, and dynamo its record of the dimensions that vary; that is pointed at
-$MLC_CACHE/compile/<key>, the key naming what the code depends on (the model's shapes and layer types, dtypes,
-torch and mlc versions, the CPU's vector ISA, the thread count), so a second start with the same model loads its
-code instead of building it.
+TORCHINDUCTOR_CACHE_DIR; that is pointed at $MLC_CACHE/compile/<key>, the key naming what the code depends on (the
+model's shapes and layer types, dtypes, torch and mlc versions, the CPU's vector ISA, the thread count), so a second
+start with the same model loads its code instead of building it. That works only if the second start asks for the
+same graphs as the first: the step inputs that vary (DYNAMIC_INPUTS) are therefore marked dynamic from the first
+compile on, so each kind's graph depends on nothing but its kind. Left to dynamo's "automatic dynamic", a kind was
+first compiled with static sizes and then again with the sizes that changed, and with dynamo's record of those kept
+on disk (PGO) a warm start compiled the batch-1 kind under the dimensions the later kinds had made dynamic: a graph
+the cold start never built, so it was built again on every first warm start (measured: 4 of 5 graphs loaded, the
+batch-1 one built, 31 s to its swap instead of 11 s).
 """
 
 from __future__ import annotations
@@ -41,6 +46,14 @@ KINDS: list[tuple[str, list[tuple[int, ...]]]] = [
     ("equal-16", [(6,) * 16]),
 ]
 WARM_UP_TOKENS = 4
+# The inputs of a decode step whose sizes or values change from step to step (model.forward's arguments and the
+# PagedBatch it attends over): the batch size and the longest context. Marked dynamic at the first compile (sizes 0
+# and 1 stay specialised, so the batch-1 kind keeps its batch dimension static), so that every start compiles the
+# same graphs whatever it compiled before. Nothing else varies between steps of a kind on the models mlc serves
+# (TORCH_LOGS=recompiles shows one compile per kind); a new input that did would be made dynamic on its second value
+# by dynamo's automatic dynamic, the same way on every start, so it would cost a compile but not the cache.
+DYNAMIC_INPUTS = ("L['input_ids']", "L['position_ids']", "L['cache'].write_slots", "L['cache'].num_decodes",
+                  "L['cache'].decode_max", "L['cache'].decode_lens", "L['cache'].decode_gather")
 # One compile at a time in a process (several models, `mlc serve A B`): they would share the cores anyway, and
 # TORCHINDUCTOR_CACHE_DIR, which names each one's cache directory, is one setting for the whole process.
 _ONE_AT_A_TIME = threading.Lock()
@@ -79,10 +92,10 @@ def use_compile_cache(model: Any, dtype: torch.dtype) -> Path:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)  # read by inductor at each lookup, so setting it now is enough
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
-    # Dynamo's record of which dimensions turned out dynamic ("automatic dynamic" PGO), kept in that directory too: a
-    # second start compiles each kind's dynamic graph at once instead of a static one first. It is kept only under a job id.
-    torch._dynamo.config.automatic_dynamic_local_pgo = True
-    torch.compiler.config.job_id = "mlc-serve"
+    # Not dynamo's on-disk record of dimensions that turned dynamic (PGO): it changes the graphs a start asks for with
+    # what earlier starts compiled. DYNAMIC_INPUTS gives every start the same dynamic graphs from the first compile.
+    torch._dynamo.config.automatic_dynamic_local_pgo = False
+    torch.compiler.config.dynamic_sources = ",".join(DYNAMIC_INPUTS)
     return path
 
 
@@ -136,14 +149,18 @@ class DecodeCompiler:
             scratch = self._scratch_engine()
             forward = torch.compile(engine.model.forward)
             scratch.use_compiled(forward, [k for k, _ in self.kinds])
+            # KINDS' order: batch 1 (the common step) first, swapped in before any other kind is compiled. A start
+            # stopped part-way left a prefix of this order in the cache, so the next one loads those before building.
             for kind, rounds in self.kinds:
+                before = cache_counts()
                 self._compile_kind(scratch, kind, rounds)
+                counts = tuple(b - a for a, b in zip(before, cache_counts()))
                 if inline:
                     engine.use_compiled(forward, [kind])
-                    self._swapped(kind, None, None)
+                    self._swapped(kind, counts, None)
                 else:
                     engine.call(lambda kind=kind: engine.use_compiled(forward, [kind]),
-                                lambda _, error, kind=kind: self._swapped(kind, _, error))
+                                lambda _, error, kind=kind, counts=counts: self._swapped(kind, counts, error))
             hits, misses = cache_counts()
             self.cache_hits, self.cache_misses = hits - hits0, misses - misses0
             console.info(f"compiled the decode step in {time.monotonic() - self.started:.1f}s: {self.cache_hits} graphs loaded "
@@ -154,12 +171,13 @@ class DecodeCompiler:
             self.state = "failed"
             console.warn(f"torch.compile of the decode step failed, serving eagerly: {self.error}")
 
-    def _swapped(self, kind: str, _: Any, error: BaseException | None) -> None:
+    def _swapped(self, kind: str, counts: tuple[int, int], error: BaseException | None) -> None:
         if error is not None:  # cannot happen short of a bug in use_compiled; say so rather than claim the swap
             console.warn(f"could not swap in the compiled {kind} decode step: {error}")
             return
         self.ready.append(kind)
-        console.info(f"compiled decode step '{kind}' in use after {time.monotonic() - self.started:.1f}s")
+        console.info(f"compiled decode step '{kind}' in use after {time.monotonic() - self.started:.1f}s "
+                     f"(graphs: {counts[0]} loaded from the cache, {counts[1]} built)")
 
     def _scratch_engine(self) -> Any:
         """An engine on the same weights whose KV cache tensors have the real cache's shapes (so the compiled code's
