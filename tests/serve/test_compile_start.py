@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.serve.conftest import LiveServer, http, start_server
 
@@ -71,7 +73,7 @@ def test_compile_serves_eagerly_at_once_swaps_in_with_the_same_tokens_and_reuses
     server = start_server(tiny_chat_model, tmp_path / "warm", *ARGS)  # the same model again: its code comes from the cache
     try:
         warm = wait_for_log(server, r"(\d+) graphs loaded from the cache, (\d+) built")
-        assert int(warm.group(1)) >= 1 and int(warm.group(2)) == 0  # fewer than built: the dynamic graph directly (see compiling.py)
+        assert (int(warm.group(1)), int(warm.group(2))) == (int(built.group(2)), 0)  # every graph the cold start built, loaded
         assert compiled_kinds(server) == (1, 1, 0)
         assert complete(server) == eager[0]
     finally:
@@ -90,3 +92,53 @@ def test_a_failed_compile_leaves_the_server_serving_eagerly(tiny_chat_model: Pat
     finally:
         assert server.stop() == 0
     assert server.log.read_text().count("failed, serving eagerly") == 1
+
+
+def test_each_kind_compiles_to_one_graph_and_a_second_start_asks_for_the_same_graphs(
+        tiny_hf_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A warm start builds nothing only if it asks for exactly the graphs the cold one built and cached.
+
+    Two starts in one process (dynamo's state dropped between them, as a new process has it) with a backend that
+    records each graph dynamo hands it, with its symbolic input shapes (what inductor's cache key is made from).
+    Before the step inputs were marked dynamic up front, a kind was compiled static and then dynamic, and the second
+    start compiled the batch-1 kind under the dimensions that the later kinds had made dynamic in the first one.
+    """
+    from mlc.commands.serve import compiling
+    from mlc.commands.serve.engine import Engine, EngineConfig
+    from mlc.models import load_model
+    from tests.serve.test_engine_models import NumberTokenizer
+
+    monkeypatch.setenv("MLC_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # put back after the test, as are these:
+    monkeypatch.setattr(torch.compiler.config, "dynamic_sources", torch.compiler.config.dynamic_sources)
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_local_pgo", torch._dynamo.config.automatic_dynamic_local_pgo)
+    graphs: list[tuple[str, str]] = []  # (the kind being compiled, the graph)
+    kind_now: list[str] = []
+    original = compiling.DecodeCompiler._compile_kind
+
+    def compile_kind(self, scratch, kind, rounds):
+        kind_now[:] = [kind]
+        original(self, scratch, kind, rounds)
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append((kind_now[0], gm.print_readable(print_output=False)))
+        return gm.forward
+
+    monkeypatch.setattr(compiling.DecodeCompiler, "_compile_kind", compile_kind)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=record))
+    monkeypatch.setattr(compiling, "KINDS", compiling.KINDS[:2])  # batch 1, and a kind compiled after it (ragged batches)
+    model = load_model(tiny_hf_model("llama", num_hidden_layers=1))
+
+    def start() -> list[tuple[str, str]]:
+        torch._dynamo.reset()
+        graphs.clear()
+        engine = Engine(model, NumberTokenizer(), EngineConfig(num_blocks=64, block_size=4, max_batched_tokens=16, max_running=2, compile=True))
+        engine.warm_up()
+        assert engine.compiler.state == "compiled" and engine.compiled_kinds == {"single", "ragged"}
+        return list(graphs)
+
+    cold = start()
+    assert [kind for kind, _ in cold] == ["single", "ragged"]  # one graph each (ragged: batch 2, then 3), batch 1 first
+    assert "Sym(" in cold[0][1]  # the batch-1 graph has its context length dynamic from the start
+    warm = start()
+    assert warm == cold

@@ -35,11 +35,13 @@ import torch
 
 from mlc import console
 
-# Each kind of decode step with the throwaway requests (prompt lengths, all decoded together) that compile it: the
-# second round of a kind brings a second length or batch size, so torch compiles it once more with those dimensions
-# dynamic. After these, serving 1 to 32 concurrent requests compiled nothing more on SmolLM2.
+# Each kind of decode step with the throwaway requests (prompt lengths, all decoded together) that compile it, batch
+# 1 first (the common step, swapped in before the rest are compiled). With DYNAMIC_INPUTS the first round compiles
+# the kind's graph; the second, with another batch size, runs it again, so that whatever else varied with the batch
+# would be compiled here rather than while serving. After these, serving 1 to 32 concurrent requests compiled nothing
+# more on SmolLM2.
 KINDS: list[tuple[str, list[tuple[int, ...]]]] = [
-    ("single", [(5,)]),  # 4 tokens each: the context grows, so the length is dynamic after the first round
+    ("single", [(5,)]),  # 4 tokens each: the context grows from step to step
     ("ragged", [(5, 8), (5, 8, 11)]),
     ("equal", [(6, 6), (6, 6, 6)]),
     ("ragged-16", [tuple(range(5, 21))]),
