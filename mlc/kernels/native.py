@@ -9,7 +9,8 @@ and for prefill, dequantising those tiles to bf16 in one pass for the GEMM. The 
 the CPU, so a cache shared between machines never runs code built for another CPU. Where it cannot
 be built (no compiler, no AVX512_BF16, MLC_NATIVE_KERNELS=0) callers fall back to torch, and the
 reason is kept in `unavailable_reason()`. The decode products are also torch operators (mlc::gemv_bf16,
-mlc::int4pack_mm_bf16), which is how graphs built by torch.compile call them.
+mlc::int4pack_mm_bf16), which is how graphs built by torch.compile call them. Both spread their rows over
+torch.get_num_threads() threads of mlc's own (parallel.c), which never wait for a thread that has not started.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from mlc.kernels.cbuild import cached_library, find_compiler
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("gemv_bf16.c"), Path(__file__).with_name("quant_int4.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv_bf16.c", "quant_int4.c", "parallel.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -166,7 +167,7 @@ def int4pack_mm_bf16(x: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.T
 def _int4pack_mm_bf16(x: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int, has_zero: bool) -> torch.Tensor:
     x = x.to(torch.bfloat16).contiguous()
     lib = _library()
-    if lib is None or not (tiles.is_contiguous() and scales_zeros.is_contiguous()) or group % 2:
+    if lib is None or not (tiles.is_contiguous() and scales_zeros.is_contiguous()) or group % 2 or group > 256:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tiles, group, scales_zeros)
     m, k = x.shape
     n = scales_zeros.shape[1]
