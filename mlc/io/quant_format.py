@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import torch
 
-from mlc.errors import MlcError
+from mlc.errors import InputError, MlcError
 from mlc.kernels import packing
 from mlc.kernels.quant_weights import CODEBOOKS, CodebookWeight, Fp8Weight, IntWeight, OutlierInt8Weight, QuantWeight
 
@@ -145,13 +145,8 @@ def layer_tensors(name: str, w: QuantWeight, dtype: str = "float32") -> dict[str
 def read_layer(name: str, spec: LayerSpec, read: Callable[[str], torch.Tensor]) -> QuantWeight:
     """Rebuild one quantised weight from its stored tensors (read: tensor name -> tensor)."""
     if spec.kind == "int":
-        n, k = (int(v) for v in read(f"{name}.weight_shape").tolist())
-        q = packing.unpack_int32(read(f"{name}.weight_packed"), spec.bits, k)
-        zero_point = None
-        if not spec.symmetric:
-            zero_point = packing.unpack_int32(read(f"{name}.weight_zero_point").T.contiguous(), spec.bits, n).T.contiguous()
-        group = spec.group_size
-        return IntWeight(q, read(f"{name}.weight_scale"), zero_point, spec.bits, group)
+        words, (n, k), scale, zero_point = read_int_words(name, spec, read)
+        return IntWeight(packing.unpack_int32(words, spec.bits, k), scale, zero_point, spec.bits, spec.group_size)
     if spec.kind == "fp8":
         return Fp8Weight(read(f"{name}.weight"), read(f"{name}.weight_scale"))
     if spec.kind == "bnb4":
@@ -167,6 +162,21 @@ def read_layer(name: str, spec: LayerSpec, read: Callable[[str], torch.Tensor]) 
             spec.activation_zero_point,
         )
     raise ValueError(f"unknown layer kind {spec.kind!r}")
+
+
+def read_int_words(name: str, spec: LayerSpec, read: Callable[[str], torch.Tensor]
+                   ) -> tuple[torch.Tensor, tuple[int, int], torch.Tensor, torch.Tensor | None]:
+    """One integer layer as stored: its packed int32 words [N, ceil(K*b/32)], its shape (N, K), its scale and its zero
+    point (unpacked: it is small). The words stay packed, for a loader that lays them out for a kernel directly."""
+    n, k = (int(v) for v in read(f"{name}.weight_shape").tolist())
+    words = read(f"{name}.weight_packed")
+    if words.dtype != torch.int32 or tuple(words.shape) != (n, -(-k * spec.bits // 32)):
+        raise InputError(f"{name}.weight_packed is {words.dtype} {list(words.shape)}, but weight_shape {[n, k]} at {spec.bits} bits "
+                         f"packs into int32 {[n, -(-k * spec.bits // 32)]}", "the quantised checkpoint is corrupt; quantise it again")
+    zero_point = None
+    if not spec.symmetric:
+        zero_point = packing.unpack_int32(read(f"{name}.weight_zero_point").T.contiguous(), spec.bits, n).T.contiguous()
+    return words, (n, k), read(f"{name}.weight_scale"), zero_point
 
 
 def _read_bnb(name: str, read: Callable[[str], torch.Tensor]) -> CodebookWeight:

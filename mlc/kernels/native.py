@@ -203,3 +203,38 @@ def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("mlc::int4pack_mm_bf16", lib=_ops)
 def _(x: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int, has_zero: bool) -> torch.Tensor:
     return x.new_empty(x.shape[0], scales_zeros.shape[1], dtype=torch.bfloat16)
+
+
+# ---- int4 repack at load (int4_repack.c): portable C, its own library, so it builds on any CPU with a compiler ----
+REPACK_SOURCES = (Path(__file__).with_name("int4_repack.c"),)
+
+
+def _load_repack() -> ctypes.CDLL | None:
+    if os.environ.get("MLC_NATIVE_KERNELS", "1") == "0":
+        return None
+    compiler = find_compiler()
+    if compiler is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(cached_library(compiler, "int4_repack", REPACK_SOURCES, FLAGS, key_extra=[_cpu_identity()])))
+    except (OSError, RuntimeError) as e:
+        log.warning("native int4 repack unavailable, using torch: %s", e)
+        return None
+    lib.mlc_int4pack_from_words.argtypes = [ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 3, ctypes.c_int]
+    lib.mlc_int4pack_from_words.restype = None
+    return lib
+
+
+def int4pack_from_words(words: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """torch's CPU int4 tiles (uint8 [N, K/2]) from compressed-tensors 4-bit int32 words [N, >= K/8]; None where the
+    kernel cannot be built. N % 64 == 0 and K % 8 == 0 (packing.int4pack_from_words checks)."""
+    if "repack" not in _state:
+        with _lock:
+            if "repack" not in _state:
+                _state["repack"] = _load_repack()
+    lib = _state["repack"]
+    if lib is None or words.dtype != torch.int32 or not words.is_contiguous() or words.device.type != "cpu":
+        return None
+    tiles = torch.empty(n, k // 2, dtype=torch.uint8)
+    lib.mlc_int4pack_from_words(words.data_ptr(), tiles.data_ptr(), n, k, words.shape[-1], torch.get_num_threads())  # type: ignore[attr-defined]
+    return tiles

@@ -14,6 +14,7 @@ Weights with no packed kernel (code books, fp8, odd shapes, CUDA) take the block
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -77,6 +78,9 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # torch's signature, untyped
         super()._apply(fn, recurse)
+        kept = [v for v in vars(self).values() if isinstance(v, torch.Tensor)]
+        if all(fn(t) is t for t in kept):  # a move that moves nothing (.to("cpu") on CPU): no unpack and re-lay
+            return self
         w = self.quant_weight()
         moved = type(w)(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in vars(w).items()})
         self._load(moved)
@@ -99,29 +103,66 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
 
-class IntLinear(QuantLinear):
-    """Affine integer weights (int8 per channel, int4 per group, symmetric or not)."""
+@dataclass(frozen=True)
+class Int4Tiles:
+    """An int4 weight already in torch's CPU int4 tiles (packing.int4pack_from_words), for IntLinear to take as is.
 
-    def _load(self, w: IntWeight) -> None:
+    The model loader builds these from the stored words, and stacked_int_linear from its parts' tiles, so neither
+    materialises the [N, K] values that an IntWeight holds. scales_and_zeros: the kernel's [K/G, N, 2], when known.
+    """
+
+    tiles: torch.Tensor  # uint8 [N, K/2], torch's tile order
+    scale: torch.Tensor  # [N, K/G]
+    zero_point: torch.Tensor | None  # int8 [N, K/G], None when symmetric
+    shape: tuple[int, int]
+    group_size: int
+    scales_and_zeros: torch.Tensor | None = None
+
+    bits = 4
+
+
+def takes_int4pack(shape: tuple[int, int], bits: int, group_size: int | None, device: torch.device) -> bool:
+    """Whether an int weight of this shape and setting runs on torch's CPU int4 kernel (so it is held as tiles)."""
+    n, k = shape
+    return (device.type == "cpu" and bits == 4 and group_size in INT4_KERNEL_GROUPS and k % group_size == 0
+            and n % packing.TILE_N == 0 and packing.int4pack_layout_known())
+
+
+def int4_scales_and_zeros(scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """The int4 kernel's bf16 scales_and_zeros [K/G, N, 2]: it computes (u - 8) * scale + zero from unsigned u = q + 8."""
+    scale = scale.to(torch.float32)
+    out = torch.empty(scale.shape[1], scale.shape[0], 2, dtype=torch.bfloat16)
+    out[..., 0] = scale.T
+    if zero_point is None:
+        out[..., 1] = 0
+    else:
+        out[..., 1] = (-zero_point.to(torch.float32) * scale).T
+    return out
+
+
+class IntLinear(QuantLinear):
+    """Affine integer weights (int8 per channel, int4 per group, symmetric or not); built from an IntWeight, or for
+    int4 from its tiles (Int4Tiles)."""
+
+    def _load(self, w: IntWeight | Int4Tiles) -> None:
         n, k = w.shape
         self.bits, self.group_size = w.bits, w.group_size
         self.scale, self.zero_point = w.scale, w.zero_point  # small; kept to give the weight back exactly
+        if isinstance(w, Int4Tiles):
+            self.path, self.q, self._tiles = "int4pack", None, w.tiles
+            sz = w.scales_and_zeros
+            self._scales_and_zeros = int4_scales_and_zeros(w.scale, w.zero_point) if sz is None else sz
+            return
         cpu = w.q.device.type == "cpu"
         if cpu and w.bits == 8 and w.symmetric and w.group_size is None:
             self.path = "int8pack"
             self.q = w.q.contiguous()
             self._scale_bf16 = w.scale.reshape(n).to(torch.bfloat16)
-        elif (
-            cpu and w.bits == 4 and w.group_size in INT4_KERNEL_GROUPS and k % w.group_size == 0
-            and n % packing.TILE_N == 0 and packing.int4pack_layout_known()
-        ):
+        elif takes_int4pack((n, k), w.bits, w.group_size, w.q.device):
             self.path = "int4pack"
             self.q = None
             self._tiles = packing.int4pack_cpu(w.q.to(torch.int32) + 8)
-            scale = w.scale.to(torch.float32)
-            zero = -w.zero_point.to(torch.float32) * scale if w.zero_point is not None else torch.zeros_like(scale)
-            # The kernel computes (u - 8) * scale + zero from unsigned u = q + 8, scales_and_zeros [K/G, N, 2].
-            self._scales_and_zeros = torch.stack((scale, zero), dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+            self._scales_and_zeros = int4_scales_and_zeros(w.scale, w.zero_point)
         else:
             self.path = "dequant"
             self.q = w.q.contiguous()
@@ -301,14 +342,22 @@ def stacked_int_linear(parts: list[nn.Module]) -> IntLinear | None:
     """
     if not parts or not all(type(m) is IntLinear and not m.exact for m in parts):
         return None
-    weights = [m.quant_weight() for m in parts]
-    first = weights[0]
-    if any((w.bits, w.group_size, w.symmetric, w.shape[1]) != (first.bits, first.group_size, first.symmetric, first.shape[1]) for w in weights):
+    first = parts[0]
+    def setting(m: IntLinear) -> tuple:
+        return m.path, m.bits, m.group_size, m.zero_point is None, m.in_features, m.bias is None
+
+    if any(setting(m) != setting(first) for m in parts):
         return None
-    if any((m.bias is None) != (parts[0].bias is None) for m in parts):
-        return None
-    zero_point = None if first.symmetric else torch.cat([w.zero_point for w in weights])
-    stacked = IntWeight(torch.cat([w.q for w in weights]), torch.cat([w.scale for w in weights]), zero_point, first.bits, first.group_size)
-    bias = torch.cat([m.bias for m in parts]) if parts[0].bias is not None else None
-    fused = IntLinear(stacked, bias)
-    return fused if fused.path == parts[0].path else None
+    # Stacked from what the parts hold, never unpacked: int4 tiles are whole 64-row blocks, so the stacked tiles are
+    # the parts' tiles one after another, and the kernel's scales_and_zeros [K/G, N, 2] stack along N.
+    scale = torch.cat([m.scale for m in parts])
+    zero_point = None if first.zero_point is None else torch.cat([m.zero_point for m in parts])
+    bias = torch.cat([m.bias for m in parts]) if first.bias is not None else None
+    shape = (sum(m.out_features for m in parts), first.in_features)
+    if first.path == "int4pack":
+        weight: IntWeight | Int4Tiles = Int4Tiles(torch.cat([m._tiles for m in parts]), scale, zero_point, shape, first.group_size,
+                                                  torch.cat([m._scales_and_zeros for m in parts], dim=1))
+    else:
+        weight = IntWeight(torch.cat([m.q for m in parts]), scale, zero_point, first.bits, first.group_size)
+    fused = IntLinear(weight, bias)
+    return fused if fused.path == first.path else None

@@ -7,15 +7,17 @@
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import torch
 from torch import nn
 
 from mlc.errors import InputError
 from mlc.io.hfdir import read_config, require_model_dir
-from mlc.io.quant_format import layer_specs, read_layer
+from mlc.io.quant_format import LayerSpec, layer_specs, read_int_words, read_layer
 from mlc.io.safetensors_reader import ModelTensors
-from mlc.kernels.quant_linear import QuantLinear, quant_linear
+from mlc.kernels import packing
+from mlc.kernels.quant_linear import Int4Tiles, IntLinear, QuantLinear, quant_linear, takes_int4pack
 from mlc.models.config import config_from_hf, dtype_name, parse_dtype, stored_dtype
 from mlc.models.transformer import CausalLM
 
@@ -61,11 +63,11 @@ def load_quantized_model(
         for name, spec in specs.items():
             linear = model.get_submodule(name)
             bias = read(f"{name}.bias").to(dtype) if linear.bias is not None else None
-            module = quant_linear(read_layer(name, spec, read), bias)
+            module = _quant_module(name, spec, read, bias, torch.device(device))
             if (module.out_features, module.in_features) != (linear.out_features, linear.in_features):
                 raise InputError(f"{path}: {name} is stored as {module.out_features}x{module.in_features}, config.json implies "
                                  f"{linear.out_features}x{linear.in_features}", "config.json does not match the weights")
-            set_module(model, name, module.to(device))
+            set_module(model, name, module)
         if "lm_head" in specs and config.tie_word_embeddings:
             raise InputError(f"{path}: lm_head is quantised but tie_word_embeddings is true", "the quantised directory is inconsistent")
         for name, param in model.state_dict().items():
@@ -79,6 +81,18 @@ def load_quantized_model(
     model.source_dir = path  # type: ignore[assignment]
     model.quantization_config = qconfig  # type: ignore[assignment]
     return model.eval()
+
+
+def _quant_module(name: str, spec: LayerSpec, read: Callable[[str], torch.Tensor], bias: torch.Tensor | None,
+                  device: torch.device) -> QuantLinear:
+    """One quantised Linear on device. int4 weights that torch's CPU kernel takes go from the stored words straight to
+    its tiles (packing.int4pack_from_words): the [N, K] values are never built, nor the tiles unpacked again."""
+    if spec.kind == "int" and spec.bits == 4:
+        words, shape, scale, zero_point = read_int_words(name, spec, read)
+        if takes_int4pack(shape, spec.bits, spec.group_size, device) and shape[1] % 8 == 0:
+            tiles = packing.int4pack_from_words(words, *shape)
+            return IntLinear(Int4Tiles(tiles, scale, zero_point, shape, spec.group_size or shape[1]), bias)
+    return quant_linear(read_layer(name, spec, read), bias).to(device)
 
 
 def quant_modules(model: nn.Module) -> dict[str, QuantLinear]:
