@@ -165,8 +165,10 @@ def int4pack_mm_bf16(x: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.T
 
 
 def _int4pack_mm_bf16(x: torch.Tensor, tiles: torch.Tensor, scales_zeros: torch.Tensor, group: int, has_zero: bool) -> torch.Tensor:
-    x = x.to(torch.bfloat16).contiguous()
-    lib = _library()
+    # Each torch call here costs about a microsecond and a decode step makes a few hundred of these products.
+    if x.dtype != torch.bfloat16 or not x.is_contiguous():
+        x = x.to(torch.bfloat16).contiguous()
+    lib = _state["lib"] if "lib" in _state else _library()
     if lib is None or not (tiles.is_contiguous() and scales_zeros.is_contiguous()) or group % 2 or group > 256:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, tiles, group, scales_zeros)
     m, k = x.shape
