@@ -192,3 +192,83 @@ def test_a_last_block_whose_outputs_nobody_reads_is_cut_short_with_the_same_stat
     cut = run(last)
     with_head = run(last + ["lm_head"])  # the same block when its outputs are needed (they feed lm_head)
     assert cut.keys() == set(last) and all(torch.equal(cut[n], with_head[n]) for n in last)
+
+
+def test_chunks_side_by_side_each_run_once_and_a_workers_error_reaches_the_caller():
+    import threading
+
+    from mlc.commands.quantize.layerwise import _each_chunk
+
+    done, lock = [], threading.Lock()
+
+    def work(s):
+        assert not torch.is_grad_enabled()  # the caller's grad mode, also in the other worker
+        with lock:
+            done.append(s)
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with torch.no_grad():
+            _each_chunk(range(0, 40, 4), work, parallel=True)
+        assert sorted(done) == list(range(0, 40, 4)) and torch.get_num_threads() == 2
+
+        def fail(s):
+            if s == 8:
+                raise ValueError("chunk 8")
+
+        with pytest.raises(ValueError, match="chunk 8"):
+            _each_chunk(range(0, 40, 4), fail, parallel=True)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_llm_int8_statistics_gathered_side_by_side_equal_one_chunk_at_a_time(small_model_dir, monkeypatch):
+    # Several chunks per block on two workers: the maxima and the blocks' outputs are those of one chunk at a time.
+    import threading
+    import time
+
+    from mlc.commands.quantize import layerwise
+    from mlc.commands.quantize.quantize import meta_model
+    from mlc.io.safetensors_reader import ModelTensors
+
+    tokens = torch.randint(0, 2048, (10, 16), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(layerwise, "CHUNK_TOKENS", 32)  # 2 windows a chunk: 5 chunks per block
+    workers: set = set()
+    abs_max = layerwise.abs_max
+
+    def slow_abs_max(x):  # a few ms per chunk, so that the other worker takes chunks too
+        workers.add(threading.get_ident())
+        time.sleep(0.005)
+        return abs_max(x)
+
+    monkeypatch.setattr(layerwise, "abs_max", slow_abs_max)
+
+    def run(threads):
+        seen = {}
+
+        def job(name):
+            def quantize(w, stat):
+                seen[name] = stat.clone()
+                return llm_int8.quantize_llm_int8(w, stat)
+
+            return layerwise.LayerJob("absmax", quantize)
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with ModelTensors(small_model_dir) as t:
+                model = meta_model(small_model_dir)
+                names = [n for n, m in model.named_modules() if n.startswith("model.layers.") and n.endswith("proj")]
+                layerwise.quantize_layerwise(t, model, tokens, {n: job(n) for n in names}, lambda n, w, q: q)
+        finally:
+            torch.set_num_threads(before)
+        return seen
+
+    one = run(1)
+    assert len(workers) == 1
+    workers.clear()
+    two = run(2)
+    assert len(workers) == 2  # both workers took chunks
+    assert one.keys() == two.keys() and len(one) == 28 and all(torch.equal(one[n], two[n]) for n in one)
