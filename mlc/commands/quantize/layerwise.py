@@ -230,23 +230,25 @@ def _calibrate_stage(
     # Without error to compensate, the first run's outputs (the original block's) are the next inputs.
     reuse = outputs and bool(stats) and not any(type(stat).quantised_inputs for stat in stats.values())
     first_outputs = torch.empty_like(hidden) if reuse else None
+    # Chunks side by side only for order-free statistics (Hessians are float sums: GPTQ/AWQ/DAQ keep one chunk at a
+    # time), with as many tokens in flight as one chunk at a time would hold, so that the peak RSS stays.
+    parallel = bool(stats) and all(type(stat).order_free for stat in stats.values())
+    step = max(1, rows // torch.get_num_threads()) if parallel else rows
 
     def calibrate(s: int) -> None:
         chunk.cache, chunk.seen = {}, set()
         try:
-            y = run(hidden[s : s + rows])
+            y = run(hidden[s : s + step])
         except _Gathered:
             return
         finally:
             chunk.cache = {}  # the chunk's activations go now, not with the next chunk
         if first_outputs is not None:
-            first_outputs[s : s + rows] = y
+            first_outputs[s : s + step] = y
 
     if stats:
-        # Side by side only for order-free statistics: Hessians are float sums, so GPTQ/AWQ/DAQ keep one chunk at a time.
-        parallel = all(type(stat).order_free for stat in stats.values())
         with activations_on_heap():
-            _each_chunk(range(0, hidden.shape[0], rows), calibrate, parallel)
+            _each_chunk(range(0, hidden.shape[0], step), calibrate, parallel)
     for h in handles:
         h.remove()
     changed: dict[str, torch.Tensor] = {}
