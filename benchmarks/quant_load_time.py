@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -81,7 +82,8 @@ def serve_health(tree: Path, path: Path) -> tuple[float, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(tree), "MLC_RUNS_DIR": tempfile.mkdtemp(prefix="load-bench-runs-")}
+    runs = tempfile.mkdtemp(prefix="load-bench-runs-")
+    env = {**os.environ, "PYTHONPATH": str(tree), "MLC_RUNS_DIR": runs}
     cmd = [sys.executable, "-m", "mlc", "serve", str(path), "--port", str(port), "--kv-cache-memory", "256MiB", "--max-model-len", "1024"]
     began = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tree)
@@ -102,6 +104,7 @@ def serve_health(tree: Path, path: Path) -> tuple[float, float]:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+        shutil.rmtree(runs, ignore_errors=True)
 
 
 def main() -> None:
