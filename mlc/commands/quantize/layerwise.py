@@ -143,8 +143,8 @@ class _Gathered(Exception):
     """Raised by the last statistic hook of a chunk whose outputs nobody reads: the rest of the forward is skipped."""
 
 
-def _each_chunk(starts: Iterable[int], work: Callable[[int], None], parallel: bool) -> None:
-    """work(start) for every chunk; with parallel, chunks run side by side, one per intra-op thread.
+def _each_chunk(starts: Iterable[Any], work: Callable[[Any], None], parallel: bool) -> None:
+    """work(start) for every chunk (or other item); with parallel, they run side by side, one per intra-op thread.
 
     Each worker runs its chunk's ops single-threaded: the blocks' tensors are too small for torch's threads to
     keep every core busy (SmolLM2 llm-int8 kept 1.75 of 2), and the threads' hand-offs and waits cost CPU time
@@ -263,15 +263,24 @@ def _calibrate_stage(
                 continue
             overrides[name] = t
             stage.get_parameter(name[len(prefix):]).data = t.to(COMPUTE_DTYPE)  # the outputs run with it
-    for local, full in names.items():
-        linear = stage.get_submodule(local)
+    swap = outputs and first_outputs is None  # the quantised Linears run only in a second pass
+    kept: dict[str, Any] = {}
+
+    def quantise(local: str) -> None:
+        full = names[local]
         weight = changed.get(f"{full}.weight")
         weight = tensors.read(f"{full}.weight", torch.float32) if weight is None else weight
         stat = stats[full].value() if full in stats else None
         q = jobs[full].quantize(weight, stat)
-        bias = linear.bias.detach() if linear.bias is not None else None
-        set_module(stage, local, quant_linear(q, bias))
-        results[full] = keep(full, weight, q)
+        if swap:
+            linear = stage.get_submodule(local)
+            bias = linear.bias.detach() if linear.bias is not None else None
+            set_module(stage, local, quant_linear(q, bias))
+        kept[full] = keep(full, weight, q)
+
+    # The Linears side by side too (each quantised alone; their order in results stays the checkpoint's).
+    _each_chunk(list(names), quantise, parallel)
+    results.update((full, kept[full]) for full in names.values())
     if first_outputs is not None:
         return first_outputs
     return _forward_chunks(run, hidden, rows) if outputs else None
