@@ -12,9 +12,8 @@ whatever the model's depth.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +52,6 @@ class HessianStat:
     """X^T X / tokens over everything a Linear saw (the identity if it saw nothing, e.g. an unused expert)."""
 
     quantised_inputs = True  # GPTQ and DAQ compensate for the error of the blocks before: gather it on their outputs
-    order_free = False  # a float sum: its bits depend on the order the chunks come in
 
     def __init__(self, k: int):
         self.sum = torch.zeros(k, k)
@@ -89,16 +87,12 @@ class AbsMaxStat:
     """max |x| per input feature over the calibration tokens."""
 
     quantised_inputs = False  # a threshold on the activations: the original model's are as good
-    order_free = True  # a maximum is exact in any order: chunks may run side by side (see _each_chunk)
 
     def __init__(self, k: int):
         self.max = torch.zeros(k)
-        self._lock = threading.Lock()
 
     def add(self, x: torch.Tensor, cache: dict[str, Any]) -> None:
-        chunk_max = shared(cache, "absmax", x, abs_max)
-        with self._lock:
-            torch.maximum(self.max, chunk_max, out=self.max)
+        torch.maximum(self.max, shared(cache, "absmax", x, abs_max), out=self.max)
 
     def value(self) -> torch.Tensor:
         return self.max
@@ -143,55 +137,6 @@ class _Gathered(Exception):
     """Raised by the last statistic hook of a chunk whose outputs nobody reads: the rest of the forward is skipped."""
 
 
-def _each_chunk(starts: Iterable[Any], work: Callable[[Any], None], parallel: bool) -> None:
-    """work(start) for every chunk (or other item); with parallel, they run side by side, one per intra-op thread.
-
-    Each worker runs its chunk's ops single-threaded: the blocks' tensors are too small for torch's threads to
-    keep every core busy (SmolLM2 llm-int8 kept 1.75 of 2), and the threads' hand-offs and waits cost CPU time
-    of their own. Chunks write disjoint rows, each with the same ops on the same rows as one at a time, so
-    outputs do not depend on the order they finish in; statistics must be order-free (a maximum, not a float sum).
-    """
-    starts = list(starts)
-    threads = torch.get_num_threads()
-    workers = min(threads, len(starts)) if parallel else 1
-    if workers <= 1:
-        for s in starts:
-            work(s)
-        return
-    per_worker = max(1, threads // workers)
-    pending = iter(starts)
-    lock = threading.Lock()
-    errors: list[BaseException] = []
-    grad = torch.is_grad_enabled()  # thread-local too: without it a worker would record every chunk's graph
-
-    def loop() -> None:
-        torch.set_num_threads(per_worker)  # this thread's OpenMP setting (each thread has its own)
-        with torch.set_grad_enabled(grad):
-            while True:
-                with lock:
-                    s = None if errors else next(pending, None)
-                if s is None:
-                    return
-                try:
-                    work(s)
-                except BaseException as e:  # noqa: BLE001 - handed to the calling thread, which raises it
-                    with lock:
-                        errors.append(e)
-                    return
-
-    others = [threading.Thread(target=loop, name=f"mlc-calibrate-{i}", daemon=True) for i in range(workers - 1)]
-    try:
-        for t in others:
-            t.start()
-        loop()  # the calling thread is a worker too
-        for t in others:
-            t.join()
-    finally:
-        torch.set_num_threads(threads)
-    if errors:
-        raise errors[0]
-
-
 def _forward_chunks(run: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, rows: int) -> torch.Tensor:
     out = torch.empty_like(hidden)
     with activations_on_heap():
@@ -212,12 +157,13 @@ def _calibrate_stage(
     """
     stats: dict[str, Any] = {}
     handles = []
-    chunk = threading.local()  # per worker: its chunk's shared reductions (cache) and the Linears reached (seen)
+    cache: dict[str, Any] = {}
+    seen: set[str] = set()  # the Linears whose input this chunk has reached
 
     def gather(full: str, x: torch.Tensor) -> None:
-        stats[full].add(x, chunk.cache)
-        chunk.seen.add(full)
-        if not outputs and len(chunk.seen) == len(stats):
+        stats[full].add(x, cache)
+        seen.add(full)
+        if not outputs and len(seen) == len(stats):
             raise _Gathered  # e.g. the last block's down_proj GEMM and residual, or lm_head's logits
 
     for local, full in names.items():
@@ -230,25 +176,18 @@ def _calibrate_stage(
     # Without error to compensate, the first run's outputs (the original block's) are the next inputs.
     reuse = outputs and bool(stats) and not any(type(stat).quantised_inputs for stat in stats.values())
     first_outputs = torch.empty_like(hidden) if reuse else None
-    # Chunks side by side only for order-free statistics (Hessians are float sums: GPTQ/AWQ/DAQ keep one chunk at a
-    # time), with as many tokens in flight as one chunk at a time would hold, so that the peak RSS stays.
-    parallel = bool(stats) and all(type(stat).order_free for stat in stats.values())
-    step = max(1, rows // torch.get_num_threads()) if parallel else rows
-
-    def calibrate(s: int) -> None:
-        chunk.cache, chunk.seen = {}, set()
-        try:
-            y = run(hidden[s : s + step])
-        except _Gathered:
-            return
-        finally:
-            chunk.cache = {}  # the chunk's activations go now, not with the next chunk
-        if first_outputs is not None:
-            first_outputs[s : s + step] = y
-
     if stats:
         with activations_on_heap():
-            _each_chunk(range(0, hidden.shape[0], step), calibrate, parallel)
+            for s in range(0, hidden.shape[0], rows):
+                cache.clear()
+                seen.clear()
+                try:
+                    y = run(hidden[s : s + rows])
+                except _Gathered:
+                    continue
+                if first_outputs is not None:
+                    first_outputs[s : s + rows] = y
+            cache.clear()
     for h in handles:
         h.remove()
     changed: dict[str, torch.Tensor] = {}
@@ -263,24 +202,15 @@ def _calibrate_stage(
                 continue
             overrides[name] = t
             stage.get_parameter(name[len(prefix):]).data = t.to(COMPUTE_DTYPE)  # the outputs run with it
-    swap = outputs and first_outputs is None  # the quantised Linears run only in a second pass
-    kept: dict[str, Any] = {}
-
-    def quantise(local: str) -> None:
-        full = names[local]
+    for local, full in names.items():
+        linear = stage.get_submodule(local)
         weight = changed.get(f"{full}.weight")
         weight = tensors.read(f"{full}.weight", torch.float32) if weight is None else weight
         stat = stats[full].value() if full in stats else None
         q = jobs[full].quantize(weight, stat)
-        if swap:
-            linear = stage.get_submodule(local)
-            bias = linear.bias.detach() if linear.bias is not None else None
-            set_module(stage, local, quant_linear(q, bias))
-        kept[full] = keep(full, weight, q)
-
-    # The Linears side by side too (each quantised alone; their order in results stays the checkpoint's).
-    _each_chunk(list(names), quantise, parallel)
-    results.update((full, kept[full]) for full in names.values())
+        bias = linear.bias.detach() if linear.bias is not None else None
+        set_module(stage, local, quant_linear(q, bias))
+        results[full] = keep(full, weight, q)
     if first_outputs is not None:
         return first_outputs
     return _forward_chunks(run, hidden, rows) if outputs else None
