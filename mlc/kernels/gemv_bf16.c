@@ -4,13 +4,15 @@
  *
  * mlc_gemv_bf16: y = W x for one row, the weight-streaming product of a decode step at batch 1. One
  * VDPBF16PS multiplies 32 bf16 pairs and accumulates in fp32; torch's bf16 mv widens each element
- * first. Accumulation is fp32, the result is rounded to bf16 (nearest even) like torch's. Chunks of
- * 64 rows are spread over threads by mlc_parallel_for (parallel.c).
+ * first. Accumulation is fp32, the result is rounded to bf16 (nearest even) like torch's. Rows are
+ * split across OpenMP threads; linked against the libgomp torch has already loaded, so both share one
+ * thread pool.
  *
  * mlc_rms_norm_bf16: RMSNorm of a few rows in one call instead of torch's seven ops, in transformers'
  * bf16 order: n = bf16(x * rsqrt(mean(x^2) + eps)) in fp32, then y = bf16(w * n).
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
@@ -68,26 +70,19 @@ static void gemv_rows(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t
     }
 }
 
-void mlc_parallel_for(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads);
-
-#define GEMV_CHUNK 64 /* rows per chunk of work (a multiple of 4) */
-
-typedef struct {
-    const uint16_t *w, *x;
-    uint16_t *y;
-    int64_t n, k;
-} gemv_job;
-
-static void gemv_chunk(void *ctx, int64_t c) {
-    const gemv_job *j = (const gemv_job *)ctx;
-    const int64_t r0 = c * GEMV_CHUNK, r1 = r0 + GEMV_CHUNK < j->n ? r0 + GEMV_CHUNK : j->n;
-    gemv_rows(j->w, j->x, j->y, r0, r1, j->k);
-}
-
 /* w: [n, k] row-major bf16, x: [k] bf16, y: [n] bf16. */
 void mlc_gemv_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t n, int64_t k, int threads) {
-    const gemv_job job = {w, x, y, n, k};
-    mlc_parallel_for(gemv_chunk, (void *)&job, (n + GEMV_CHUNK - 1) / GEMV_CHUNK, threads);
+    if (threads <= 1 || n < 64) {
+        gemv_rows(w, x, y, 0, n, k);
+        return;
+    }
+#pragma omp parallel num_threads(threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t per = (((n + nt - 1) / nt) + 3) & ~(int64_t)3;
+        const int64_t r0 = t * per, r1 = r0 + per < n ? r0 + per : n;
+        if (r0 < r1) gemv_rows(w, x, y, r0, r1, k);
+    }
 }
 
 static inline __m512 widen(const uint16_t *p, __mmask16 mask) {

@@ -9,8 +9,7 @@ and for prefill, dequantising those tiles to bf16 in one pass for the GEMM. The 
 the CPU, so a cache shared between machines never runs code built for another CPU. Where it cannot
 be built (no compiler, no AVX512_BF16, MLC_NATIVE_KERNELS=0) callers fall back to torch, and the
 reason is kept in `unavailable_reason()`. The decode products are also torch operators (mlc::gemv_bf16,
-mlc::int4pack_mm_bf16), which is how graphs built by torch.compile call them. Both spread their rows over
-torch.get_num_threads() threads of mlc's own (parallel.c), which never wait for a thread that has not started.
+mlc::int4pack_mm_bf16), which is how graphs built by torch.compile call them.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from mlc.kernels.cbuild import cached_library, find_compiler
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv_bf16.c", "quant_int4.c", "parallel.c"))
+SOURCES = (Path(__file__).with_name("gemv_bf16.c"), Path(__file__).with_name("quant_int4.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()

@@ -69,13 +69,9 @@ void mlc_dequant_int4pack_t(const uint8_t *tiles, const uint16_t *scales_zeros, 
  * columns kk and kk + 1 of a tile; one byte permute puts row j's two bytes side by side, nibble masks
  * split rows j and j + 32, two byte shuffles look up the bf16 bytes of u - 8 and two unpacks make the
  * 16-bit words. The permute is chosen so the four operands hold rows 0-15, 16-31, 32-47, 48-63 in order,
- * the order of the scales. Tiles of 64 rows are the chunks of mlc_parallel_for (parallel.c), not an OpenMP loop,
- * whose closing barrier waits on descheduled threads of a shared machine.
+ * the order of the scales. Tiles of 64 rows are split across OpenMP threads.
  */
 #define TILE 64
-#define MAX_GROUP 256
-
-void mlc_parallel_for(void (*fn)(void *, int64_t), void *ctx, int64_t chunks, int threads);
 #define ROW_CHUNK 4 /* rows of x whose accumulators stay in registers */
 
 typedef struct {
@@ -211,24 +207,7 @@ static void tile_mm(const uint8_t *tile, const uint16_t *sz, const uint16_t *x, 
     }
 }
 
-typedef struct {
-    const uint8_t *tiles;
-    const uint16_t *scales_zeros, *x;
-    const float *xsum;
-    uint16_t *y;
-    int64_t m, n, k, g;
-    int has_zero;
-    const decode_consts *c;
-} mm_job;
-
-static void mm_tile(void *ctx, int64_t t) {
-    static _Thread_local __m512i buf[2 * MAX_GROUP]; /* a group's decoded operands, for groups up to 256 columns */
-    const mm_job *j = (const mm_job *)ctx;
-    tile_mm(j->tiles + t * j->k * 32, j->scales_zeros + t * TILE * 2, j->x, j->xsum, j->y + t * TILE, j->m, j->n, j->k, j->g,
-            j->has_zero, j->c, buf);
-}
-
-/* x: [m, k] bf16, tiles and scales_zeros as above (g even and at most MAX_GROUP, k a multiple of g, n of 64), y: [m, n] bf16.
+/* x: [m, k] bf16, tiles and scales_zeros as above (g even, k a multiple of g, n of 64), y: [m, n] bf16.
  * has_zero = 0 skips the zero terms (symmetric weights: every zero is 0). */
 void mlc_int4pack_mm_bf16(const uint8_t *tiles, const uint16_t *scales_zeros, const uint16_t *x, uint16_t *y,
                           int64_t m, int64_t n, int64_t k, int64_t g, int has_zero, int threads) {
@@ -243,7 +222,15 @@ void mlc_int4pack_mm_bf16(const uint8_t *tiles, const uint16_t *scales_zeros, co
                 xsum[r * groups + i / g] += f;
             }
     const decode_consts c = make_consts();
-    const mm_job job = {tiles, scales_zeros, x, xsum, y, m, n, k, g, has_zero, &c};
-    mlc_parallel_for(mm_tile, (void *)&job, n / TILE, threads);
+    const int64_t tiles_n = n / TILE;
+    const int nt = threads < tiles_n ? threads : (int)tiles_n;
+    #pragma omp parallel num_threads(nt > 1 ? nt : 1) if (nt > 1)
+    {
+        __m512i *buf = m > ROW_CHUNK ? (__m512i *)aligned_alloc(64, (size_t)g * 2 * sizeof(__m512i)) : NULL;
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles_n; t++)
+            tile_mm(tiles + t * k * 32, scales_zeros + t * TILE * 2, x, xsum, y + t * TILE, m, n, k, g, has_zero, &c, buf);
+        free(buf);
+    }
     free(xsum);
 }

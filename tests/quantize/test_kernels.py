@@ -252,26 +252,3 @@ def test_compiled_graphs_call_the_native_decode_kernels_as_operators():
         compiled = torch.compile(step, backend=backend, fullgraph=True)(x)
     assert torch.ops.mlc.int4pack_mm_bf16 in targets and torch.ops.mlc.gemv_bf16 in targets
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
-
-
-def test_native_decode_kernels_give_the_same_bits_on_any_number_of_threads():
-    """Chunks of rows are spread over mlc's own worker threads (parallel.c): each output row is computed whole by one."""
-    from mlc.kernels import native
-
-    if not native.available():
-        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
-    gen = torch.Generator().manual_seed(5)
-    module = ql.quant_linear(IntWeight(torch.randint(-8, 8, (640, K), dtype=torch.int8, generator=gen),
-                                       (torch.rand(640, K // 32, generator=gen) * 0.01).to(torch.bfloat16), None, 4, 32))
-    weight = torch.randn(1000, K, generator=gen).to(torch.bfloat16)  # 1000 rows: a last chunk of 40
-    xs = [torch.randn(rows, K, generator=gen).to(torch.bfloat16) for rows in (1, 6)]
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for t in (1, 2, 4):
-            torch.set_num_threads(t)
-            results.append([module(x) for x in xs] + [native.gemv_bf16(weight, xs[0][0])])
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r))
-    assert torch.allclose(results[0][-1].float(), weight.float() @ xs[0][0].float(), rtol=1e-2, atol=1e-2)
