@@ -6,10 +6,15 @@ For each path it prints the median milliseconds per pass, the weight bytes read 
 nibbles plus the bf16 scale and zero of each group) and the process CPU-seconds per pass, all in one process:
 
     .venv/bin/python benchmarks/int4_decode.py [--model 1b|smollm2] [--layers 4] [--rows 1] [--group 32] [--reps 15]
+    .venv/bin/python benchmarks/int4_decode.py --vs-llamacpp [--model 1b|smollm2] [--compile] [--reps 3] [--decode-tokens 64]
 
 Paths: `torch` is torch.ops.aten._weight_int4pack_mm_for_cpu (mlc's decode path before the native kernel),
 `native` mlc_int4pack_mm_bf16 (mlc/kernels/quant_int4.c) on the same tiles, `bf16` mlc's native bf16 gemv on a bf16
 copy of the shapes (one row only). Weights are random: speed does not depend on values.
+
+--vs-llamacpp measures the whole decode step instead: batch-1 decode tokens/s and tokens/CPU-s of mlc's engine on
+the int4 model (eager, and compiled with --compile) against llama.cpp on the same integers, in one run, with
+benchmarks/serve_vs_peers.py's rows (its models, GGUFs, llama.cpp build and timing), without its other rows.
 """
 
 from __future__ import annotations
@@ -79,6 +84,39 @@ def run(model: str, layers: int, rows: int, group: int, reps: int, bf16: bool) -
     return results
 
 
+def vs_llamacpp(model: str, reps: int, tokens: int, compile: bool) -> None:
+    """mlc int4 batch-1 decode (eager, compiled) against llama.cpp, in one run: serve_vs_peers.py's rows for int4 only."""
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import serve_vs_peers as peers
+
+    if model == "1b":
+        from quant_1b import make_model
+
+        path = make_model(peers.smollm2_hf_dir(), peers.cache_dir() / "bench" / "random-1b")
+        gguf, gguf_type = peers.quantized(path, "int4", fmt="gguf"), "Q4_0"
+    else:
+        path, gguf, gguf_type = peers.smollm2_hf_dir(), peers.fetch_smollm2_gguf(peers.cache_dir()), "Q4_1"
+    int4 = peers.quantized(path, "int4")
+    print(f"{model}: batch-1 decode, {tokens} tokens, median of {reps}; {torch.get_num_threads()} threads; load average "
+          f"{os.getloadavg()[0]:.1f}", flush=True)
+    rows = {}
+    rows["mlc int4"] = peers.mlc_decode_rate(int4, "bfloat16", tokens, reps)
+    print(f"{'mlc int4 (eager)':28s} {rows['mlc int4'][0]:8.1f} tok/s {rows['mlc int4'][1]:8.1f} tok/CPU-s", flush=True)
+    rows["llama.cpp"] = tuple(peers.llama_cpp(gguf, tokens, reps)["decode"])
+    print(f"{'llama.cpp ' + gguf_type:28s} {rows['llama.cpp'][0]:8.1f} tok/s {rows['llama.cpp'][1]:8.1f} tok/CPU-s", flush=True)
+    if compile:
+        rows["mlc int4 compiled"] = peers.mlc_decode_rate(int4, "bfloat16", tokens, reps, compile=True)
+        print(f"{'mlc int4 (--compile)':28s} {rows['mlc int4 compiled'][0]:8.1f} tok/s {rows['mlc int4 compiled'][1]:8.1f} tok/CPU-s", flush=True)
+    for name in [r for r in rows if r != "llama.cpp"]:
+        a, b = rows[name], rows["llama.cpp"]
+        print(f"{name} / llama.cpp: {a[0] / b[0]:.2f}x wall, {a[1] / b[1]:.2f}x per CPU-second")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="1b")
@@ -89,9 +127,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch (and kernel) threads (default: torch's choice)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 gemv (it needs 4x the weight memory)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--vs-llamacpp", action="store_true", help="whole batch-1 decode steps of the int4 model against llama.cpp")
+    ap.add_argument("--compile", action="store_true", help="with --vs-llamacpp: also mlc's compiled decode step (mlc serve --compile)")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="with --vs-llamacpp: tokens per timed generation")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.vs_llamacpp:
+        vs_llamacpp(args.model, args.reps, args.decode_tokens, args.compile)
+        return
     results = run(args.model, args.layers, args.rows, args.group, args.reps, not args.no_bf16)
     if args.json:
         print(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "results": results}, indent=2))
