@@ -4,7 +4,8 @@ A quantised model is the same model with these modules in place of nn.Linear (as
 On CPU (measured in benchmarks/quant_matmul.py, recorded in benchmarks/RESULTS.md):
 - decode (few rows): torch's packed kernel `_weight_int8pack_mm` for int8, fed bf16 activations (fp32
   activations make it 15-40x slower); for int4, mlc's native kernel on torch's int4 tiles (quant_int4.c,
-  1.3-4x torch's `_weight_int4pack_mm_for_cpu`, which stays the fallback; benchmarks/int4_decode.py);
+  1.2x torch's `_weight_int4pack_mm_for_cpu` at 1B shapes on a quiet machine, which stays the fallback;
+  benchmarks/int4_decode.py);
 - prefill (PREFILL_ROWS rows and up): dequantise the weight blockwise to bf16 and use the bf16 GEMM
   (AMX/AVX-512 where the CPU has them), several times faster than the packed kernels at M=256. int4
   dequantises a block of rows at a time in one pass with a native kernel (quant_int4.c), so the block

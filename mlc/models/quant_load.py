@@ -18,6 +18,7 @@ from mlc.io.quant_format import LayerSpec, layer_specs, read_int_words, read_lay
 from mlc.io.safetensors_reader import ModelTensors
 from mlc.kernels import packing
 from mlc.kernels.quant_linear import Int4Tiles, IntLinear, QuantLinear, quant_linear, takes_int4pack
+from mlc.kernels.quant_weights import IntWeight
 from mlc.models.config import config_from_hf, dtype_name, parse_dtype, stored_dtype
 from mlc.models.transformer import CausalLM
 
@@ -87,12 +88,14 @@ def _quant_module(name: str, spec: LayerSpec, read: Callable[[str], torch.Tensor
                   device: torch.device) -> QuantLinear:
     """One quantised Linear on device. int4 weights that torch's CPU kernel takes go from the stored words straight to
     its tiles (packing.int4pack_from_words): the [N, K] values are never built, nor the tiles unpacked again."""
-    if spec.kind == "int" and spec.bits == 4:
-        words, shape, scale, zero_point = read_int_words(name, spec, read)
-        if takes_int4pack(shape, spec.bits, spec.group_size, device) and shape[1] % 8 == 0:
-            tiles = packing.int4pack_from_words(words, *shape)
-            return IntLinear(Int4Tiles(tiles, scale, zero_point, shape, spec.group_size or shape[1]), bias)
-    return quant_linear(read_layer(name, spec, read), bias).to(device)
+    if spec.kind != "int" or spec.bits != 4:
+        return quant_linear(read_layer(name, spec, read), bias).to(device)
+    words, shape, scale, zero_point = read_int_words(name, spec, read)
+    if takes_int4pack(shape, spec.bits, spec.group_size, device) and shape[1] % 8 == 0:
+        tiles = packing.int4pack_from_words(words, *shape)
+        return IntLinear(Int4Tiles(tiles, scale, zero_point, shape, spec.group_size or shape[1]), bias)
+    # Another layout: the values from the words already read (read_layer would read them again).
+    return quant_linear(IntWeight(packing.unpack_int32(words, spec.bits, shape[1]), scale, zero_point, spec.bits, spec.group_size), bias).to(device)
 
 
 def quant_modules(model: nn.Module) -> dict[str, QuantLinear]:
