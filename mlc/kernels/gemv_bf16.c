@@ -10,6 +10,10 @@
  *
  * mlc_rms_norm_bf16: RMSNorm of a few rows in one call instead of torch's seven ops, in transformers'
  * bf16 order: n = bf16(x * rsqrt(mean(x^2) + eps)) in fp32, then y = bf16(w * n).
+ * mlc_add_rms_norm_bf16: the residual sum s = bf16(x + h) and its RMSNorm, in one call (a decoder layer's
+ * x + attention(x), then post_attention_layernorm).
+ * mlc_silu_mul_bf16: SwiGLU's bf16(bf16(silu(gate)) * up) from the fused gate/up projection's rows, in torch's
+ * order (silu = g / (1 + e^-g) in fp32, rounded; then the product, rounded), one call instead of three ops.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -114,6 +118,51 @@ void mlc_rms_norm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_
             const __mmask16 m = i < full ? (__mmask16)0xffff : tail;
             const __m512 n = round_bf16_ps(_mm512_mul_ps(widen(xr + i, m), scale));
             _mm256_mask_storeu_epi16(yr + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(widen(w + i, m), n)));
+        }
+    }
+}
+
+/* x, h, sum, y: [rows, dim] bf16, w: [dim] bf16; sum = x + h, y = RMSNorm(sum). */
+void mlc_add_rms_norm_bf16(const uint16_t *x, const uint16_t *h, const uint16_t *w, uint16_t *sum, uint16_t *y,
+                           int64_t rows, int64_t dim, float eps) {
+    const int64_t full = dim & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (dim - full)) - 1u);
+    for (int64_t i = 0; i < rows * dim; i += dim)
+        for (int64_t c = 0; c < dim; c += 16) {
+            const __mmask16 m = c < full ? (__mmask16)0xffff : tail;
+            _mm256_mask_storeu_epi16(sum + i + c, m,
+                                     (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(widen(x + i + c, m), widen(h + i + c, m))));
+        }
+    mlc_rms_norm_bf16(sum, w, y, rows, dim, eps);
+}
+
+static inline __m512 exp_ps(__m512 x) { /* e^x: Cephes' expf polynomial, scaled by 2^n with VSCALEFPS */
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* gate_up: [rows, 2 * inter] bf16 (gate, then up), out: [rows, inter] bf16. */
+void mlc_silu_mul_bf16(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t inter) {
+    const int64_t full = inter & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (inter - full)) - 1u);
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gate_up + r * 2 * inter, *u = g + inter;
+        for (int64_t c = 0; c < inter; c += 16) {
+            const __mmask16 m = c < full ? (__mmask16)0xffff : tail;
+            const __m512 gv = widen(g + c, m);
+            const __m512 silu = round_bf16_ps(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv)))));
+            _mm256_mask_storeu_epi16(out + r * inter + c, m, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, widen(u + c, m))));
         }
     }
 }

@@ -2,8 +2,9 @@
 
 torch's CPU kernels cover almost everything mlc needs; this covers the spots of a bf16 decode step
 where they are far from the hardware (gemv_bf16.c, see benchmarks/RESULTS.md): the matrix-vector
-product (faster than torch.mv on AVX512_BF16 CPUs) and RMSNorm of a few rows (one call instead of
-torch's seven small ops); and int4 (quant_int4.c): the decode product straight from torch's int4 tiles,
+product (faster than torch.mv on AVX512_BF16 CPUs), RMSNorm of a few rows (one call instead of
+torch's seven small ops), with the residual sum before it, and SwiGLU's silu(gate) * up; a paged decode step's
+attention with its RoPE and cache write (decode_attention.c, see decode_attention.py); and int4 (quant_int4.c): the decode product straight from torch's int4 tiles,
 and for prefill, dequantising those tiles to bf16 in one pass for the GEMM. The library is built with the system C compiler
 (`cc -O3 -march=native`, under a second) into the mlc cache, keyed by the source, the compiler and
 the CPU, so a cache shared between machines never runs code built for another CPU. Where it cannot
@@ -28,7 +29,7 @@ from mlc.kernels.cbuild import cached_library, find_compiler
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("gemv_bf16.c"), Path(__file__).with_name("quant_int4.c"))
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("gemv_bf16.c", "quant_int4.c", "decode_attention.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.Lock()
@@ -74,6 +75,21 @@ def _load() -> ctypes.CDLL | None:
     fn.restype = None
     fn = lib.mlc_rms_norm_bf16
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    fn.restype = None
+    fn = lib.mlc_add_rms_norm_bf16
+    fn.argtypes = [*[ctypes.c_void_p] * 5, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+    fn.restype = None
+    fn = lib.mlc_silu_mul_bf16
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = None
+    fn = lib.mlc_decode_attention_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, ctypes.c_float, ptr,
+                   ctypes.c_int]
+    fn.restype = None
+    fn = lib.mlc_decode_layer_int4
+    fn.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64,
+                   ptr, i64, i64, i64, i64, ctypes.c_float, ctypes.c_int]
     fn.restype = None
     fn = lib.mlc_dequant_int4pack_t
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int]
@@ -136,6 +152,73 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     y = torch.empty_like(x)
     lib.mlc_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
     return y
+
+
+def add_rms_norm_bf16(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x + h, RMSNorm of it) for contiguous bf16 CPU x and h of one shape and a bf16 weight; None where not available.
+
+    The sum is rounded to bf16 as torch's add is, the norm as rms_norm_bf16. No autograd.
+    """
+    lib = _library()
+    if lib is None or not (x.is_contiguous() and h.is_contiguous() and weight.is_contiguous()) or weight.dtype != torch.bfloat16 \
+            or h.dtype != torch.bfloat16 or h.shape != x.shape:
+        return None
+    dim = x.shape[-1]
+    total, y = torch.empty_like(x), torch.empty_like(x)
+    lib.mlc_add_rms_norm_bf16(x.data_ptr(), h.data_ptr(), weight.data_ptr(), total.data_ptr(), y.data_ptr(), x.numel() // dim, dim, eps)
+    return total, y
+
+
+def silu_mul_bf16(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for a contiguous bf16 CPU gate_up [..., 2 * inter] (gate, then up): [..., inter] bf16, rounded at
+    each step as torch's silu and mul are; None where not available. No autograd."""
+    lib = _library()
+    if lib is None or not gate_up.is_contiguous():
+        return None
+    inter = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], inter)
+    lib.mlc_silu_mul_bf16(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inter), inter)
+    return out
+
+
+def decode_attention_bf16(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                          v_cache: torch.Tensor, write_slots: torch.Tensor, slot_table: torch.Tensor, lens: torch.Tensor,
+                          q_heads: int, window: int | None) -> torch.Tensor | None:
+    """decode_attention.py's fused decode attention (see there for the arguments) by mlc_decode_attention_bf16; None
+    where the kernel is not available. The caller has checked dtypes, layouts and sizes (decode_attention.supported)."""
+    lib = _library()
+    if lib is None:
+        return None
+    b = lens.shape[0]
+    hkv, slots, d = k_cache.shape
+    out = qkv.new_empty(1, b, q_heads * d)
+    lib.mlc_decode_attention_bf16(qkv.data_ptr(), qkv.stride(-2), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                                  v_cache.data_ptr(), slots, write_slots.data_ptr(), slot_table.data_ptr(),
+                                  slot_table.numel() // b, lens.data_ptr(), b, q_heads, hkv, d, window or 0, d**-0.5,
+                                  out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def decode_layer_int4(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps1: float, eps2: float, weights: list[int],
+                      cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, write_slots: torch.Tensor,
+                      slot_table: torch.Tensor, lens: torch.Tensor, q_heads: int, window: int | None) -> torch.Tensor | None:
+    """A decoder layer's output (x's shape) for b decode rows x (1, b, hidden) of an int4 model by mlc_decode_layer_int4
+    (models/native_decode.py checks what it takes); None where the kernel is not available.
+
+    ln1, ln2: the two RMSNorm weights; weights: (tiles pointer, scales_and_zeros pointer, n, k, group, has_zero) of the
+    q/k/v, o, gate/up and down products, flat; the rest as decode_attention_bf16 takes it.
+    """
+    lib = _library()
+    if lib is None:
+        return None
+    b, hidden = x.shape[1], x.shape[2]
+    hkv, slots, d = k_cache.shape
+    out = torch.empty_like(x)
+    lib.mlc_decode_layer_int4(x.data_ptr(), out.data_ptr(), b, hidden, ln1.data_ptr(), ln2.data_ptr(), eps1, eps2,
+                              (ctypes.c_int64 * 24)(*weights), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+                              v_cache.data_ptr(), slots, write_slots.data_ptr(), slot_table.data_ptr(), slot_table.numel() // b,
+                              lens.data_ptr(), q_heads, hkv, d, window or 0, d**-0.5, torch.get_num_threads())
+    return out
 
 
 def dequant_int4pack_t(tiles: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int, group: int, r0: int, r1: int,

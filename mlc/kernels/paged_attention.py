@@ -8,7 +8,9 @@ new tokens of all scheduled sequences, concatenated into a batch of one: decodes
 each), then prefill chunks. `PagedBatch` implements the model's AttentionCache protocol for that
 step. Everything that depends only on the step's layout (slots to write, slots to gather, masks) is
 built once in `PagedBatch.__init__` and reused by every layer, so a layer costs two index_copy_,
-one index_select per key/value and one scaled-dot-product-attention call for all decodes together.
+one index_select per key/value and one scaled-dot-product-attention call for all decodes together. A step of decodes
+only, in bf16 on a CPU with mlc's native kernels, goes further: `attend_projected` takes each layer's q/k/v projection
+before RoPE and runs rotation, cache write and attention in one native call (decode_attention.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mlc.kernels import decode_attention, native
 from mlc.kernels.attention import window_mask
 
 
@@ -94,6 +97,10 @@ class PagedBatch:
         # A new token's slot: its block's id times the block size, plus its offset in the block.
         slots = [s.blocks[p // bs] * bs + p % bs for s in segments for p in range(s.start, s.start + s.length)]
         self.write_slots = torch.tensor(slots, dtype=torch.long, device=device)
+        # Decided here, on Python values (a compiled step guards on the bool): the fused path of attend_projected. Not
+        # for subclasses that override attend (kv_policy's ScoredBatch reads q and k there).
+        self.fused_decode = (0 < self.num_decodes == len(segments) and type(self).attend is PagedBatch.attend
+                             and store.dtype == torch.bfloat16 and device.type == "cpu" and native.available())
 
         # Decodes: gather every key of every decoding sequence, padded to the longest, masked past each length.
         self._decode_masks: dict[int | None, torch.Tensor | None] = {}
@@ -136,6 +143,23 @@ class PagedBatch:
                 mask = torch.where(allowed, zero, float("-inf")).to(self.store.dtype)[:, None, None, :]
             self._decode_masks[window] = mask
         return self._decode_masks[window]
+
+    def attend_projected(self, layer_idx: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_heads: int,
+                         sliding_window: int | None = None) -> torch.Tensor | None:
+        """attend's output, (1, tokens, q_heads * head_dim), from a layer's fused q/k/v projection (1, tokens, (q_heads
+        + 2 kv_heads) * head_dim) before RoPE, with the step's cos and signed sin: a decode-only bf16 step in one native
+        call. None where that does not apply; the caller then rotates q and k and calls attend."""
+        if not self.fused_decode or qkv.dtype != torch.bfloat16 or cos.dtype != torch.bfloat16:
+            return None
+        kc, vc = self.store.k[layer_idx], self.store.v[layer_idx]
+        hkv, _, d = kc.shape
+        if qkv.shape[-1] != (q_heads + 2 * hkv) * d or not decode_attention.supported(d, hkv, q_heads) \
+                or (torch.is_grad_enabled() and qkv.requires_grad):
+            return None
+        if not (qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()):
+            return None
+        return decode_attention.decode_attention(qkv, cos, sin, kc, vc, self.write_slots, self.decode_gather, self.decode_lens,
+                                                 q_heads, sliding_window)
 
     def attend(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sliding_window: int | None = None

@@ -207,20 +207,36 @@ static void tile_mm(const uint8_t *tile, const uint16_t *sz, const uint16_t *x, 
     }
 }
 
+/* The sum of each row's x over each group, for the zero terms: xsum [m, k/g], zeroed by the caller. */
+void mlc_int4_group_sums(const uint16_t *x, float *xsum, int64_t m, int64_t k, int64_t g) {
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t i = 0; i < k; i++) {
+            const uint32_t bits = (uint32_t)x[r * k + i] << 16;
+            float f;
+            memcpy(&f, &bits, sizeof f);
+            xsum[r * (k / g) + i / g] += f;
+        }
+}
+
+/* The product below from inside an OpenMP parallel region (decode_attention.c's decoder layer): each thread of the
+ * team calls it with the same arguments and computes its share of the tiles; no barrier at the end. */
+void mlc_int4pack_mm_team(const uint8_t *tiles, const uint16_t *scales_zeros, const uint16_t *x, const float *xsum,
+                          uint16_t *y, int64_t m, int64_t n, int64_t k, int64_t g, int has_zero) {
+    const decode_consts c = make_consts();
+    __m512i *buf = m > ROW_CHUNK ? (__m512i *)aligned_alloc(64, (size_t)g * 2 * sizeof(__m512i)) : NULL;
+    #pragma omp for schedule(static) nowait
+    for (int64_t t = 0; t < n / TILE; t++)
+        tile_mm(tiles + t * k * 32, scales_zeros + t * TILE * 2, x, xsum, y + t * TILE, m, n, k, g, has_zero, &c, buf);
+    free(buf);
+}
+
 /* x: [m, k] bf16, tiles and scales_zeros as above (g even, k a multiple of g, n of 64), y: [m, n] bf16.
  * has_zero = 0 skips the zero terms (symmetric weights: every zero is 0). */
 void mlc_int4pack_mm_bf16(const uint8_t *tiles, const uint16_t *scales_zeros, const uint16_t *x, uint16_t *y,
                           int64_t m, int64_t n, int64_t k, int64_t g, int has_zero, int threads) {
     const int64_t groups = k / g;
     float *xsum = (float *)calloc((size_t)(m * groups), sizeof(float));
-    if (has_zero) /* sum of each row's x over each group, for the zero terms */
-        for (int64_t r = 0; r < m; r++)
-            for (int64_t i = 0; i < k; i++) {
-                const uint32_t bits = (uint32_t)x[r * k + i] << 16;
-                float f;
-                memcpy(&f, &bits, sizeof f);
-                xsum[r * groups + i / g] += f;
-            }
+    if (has_zero) mlc_int4_group_sums(x, xsum, m, k, g);
     const decode_consts c = make_consts();
     const int64_t tiles_n = n / TILE;
     const int nt = threads < tiles_n ? threads : (int)tiles_n;

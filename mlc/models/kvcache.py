@@ -11,6 +11,10 @@ applied; attend stores k and v and returns the attention output shaped like q. G
 multiple of kv_heads, q head h reads kv head h // (q_heads // kv_heads)) and the sliding window
 (key j is visible to query i when i - window < j <= i) are the cache's job, since only it knows
 where each sequence's past keys live.
+
+A cache may also offer `attend_projected(layer_idx, qkv, cos, sin, q_heads, sliding_window=...)`: the same output
+from a layer's fused q/k/v projection before RoPE, or None when it cannot (the model then rotates and calls attend).
+The serving engine's PagedBatch does, to run a decode step's rotation, cache write and attention in one native call.
 """
 
 from __future__ import annotations

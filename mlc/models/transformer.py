@@ -14,14 +14,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlc.kernels import native
+from mlc.models import native_decode
 from mlc.models.config import ModelConfig
 from mlc.models.kvcache import AttentionCache, causal_attention
 from mlc.models.rope import RotaryTable, apply_rope
 
 
-def _without_autograd(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _without_autograd(*tensors: torch.Tensor) -> bool:
     """Whether nothing here needs gradients, so a native kernel (no autograd) may compute the result."""
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+NATIVE_NORM_MAX_ROWS = 64  # more rows (prefill) amortise torch's per-op cost and use its threads
+
+
+def _few_bf16_rows(x: torch.Tensor) -> bool:
+    """Whether x is a decode step's few bf16 rows on a CPU, where mlc's native kernels beat torch's per-op cost."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() <= NATIVE_NORM_MAX_ROWS * x.shape[-1]
 
 
 class Linear(nn.Linear):
@@ -88,9 +97,6 @@ def stacked_linear(*parts: nn.Module) -> nn.Module | None:
     return fused
 
 
-NATIVE_NORM_MAX_ROWS = 64  # more rows (prefill) amortise torch's per-op cost and use its threads
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -100,13 +106,25 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        few_rows = x.numel() <= NATIVE_NORM_MAX_ROWS * x.shape[-1]
-        if few_rows and x.dtype == torch.bfloat16 and x.device.type == "cpu" and _without_autograd(x, self.weight):
+        if _few_bf16_rows(x) and _without_autograd(x, self.weight):
             y = native.rms_norm_bf16(x, self.weight, self.eps)  # a decode step: one call instead of seven ops
             if y is not None:
                 return y
         # Half precision: normalise in fp32, round, then scale, in transformers' order, so bf16 logits agree.
         return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
+
+    def add_and_norm(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + h, this norm of it): a residual connection and the norm after it, in one native call for a decode step.
+
+        Elsewhere, and when hooks watch this module (upcycle's router reads its outputs), the sum and a call of the
+        module, as before.
+        """
+        if _few_bf16_rows(x) and _without_autograd(x, h, self.weight) and not (self._forward_hooks or self._forward_pre_hooks):
+            both = native.add_rms_norm_bf16(x, h, self.weight, self.eps)
+            if both is not None:
+                return both
+        x = x + h
+        return x, self(x)
 
 
 class Attention(nn.Module):
@@ -135,8 +153,16 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         if hasattr(self, "qkv_proj"):
+            qkv = self.qkv_proj(x)
+            # A cache that can rotate, store and attend in one go from the projection (a decode step of the serving
+            # engine: kernels/decode_attention.py) says so by an output; otherwise the steps below.
+            attend_projected = getattr(cache, "attend_projected", None)
+            if attend_projected is not None:
+                out = attend_projected(self.layer_idx, qkv, cos, sin, self.n_heads, sliding_window=self.window)
+                if out is not None:
+                    return self.o_proj(out)
             # Heads of q, k and v side by side: one rotation covers the q and k heads together.
-            qkv = self.qkv_proj(x).view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
+            qkv = qkv.view(b, t, self.n_heads + 2 * self.n_kv, self.head_dim).transpose(1, 2)
             q, k = apply_rope(qkv[:, : self.n_heads + self.n_kv], cos, sin).split([self.n_heads, self.n_kv], dim=1)
             v = qkv[:, self.n_heads + self.n_kv :]
         else:
@@ -173,7 +199,12 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)
+            if _few_bf16_rows(gate_up) and _without_autograd(gate_up):
+                act = native.silu_mul_bf16(gate_up)  # a decode step: one call instead of three ops
+                if act is not None:
+                    return self.down_proj(act)
+            gate, up = gate_up.chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
@@ -263,8 +294,13 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: AttentionCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(hidden states, router logits or None for a dense layer)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        out = getattr(self, self.ffn_name)(self.post_attention_layernorm(x))
+        # An int4 layer of a decode step: one native call (native_decode.py). Not in a graph being compiled (ctypes).
+        if getattr(cache, "fused_decode", False) and not torch.compiler.is_compiling():
+            out = native_decode.decode_layer(self, x, cos, sin, cache)
+            if out is not None:
+                return out, None
+        x, normed = self.post_attention_layernorm.add_and_norm(x, self.self_attn(self.input_layernorm(x), cos, sin, cache))
+        out = getattr(self, self.ffn_name)(normed)
         if isinstance(out, tuple):
             out, router_logits = out
             return x + out, router_logits

@@ -64,12 +64,36 @@ def test_disabled_kernels_fall_back_to_torch_with_a_reason():
 import torch
 from mlc.kernels import native
 from mlc.models.transformer import Linear
+from mlc.kernels.paged_attention import PagedBatch, PagedKVStore, Segment
 lin = Linear(64, 32).to(torch.bfloat16)
 x = torch.randn(64).bfloat16()
 with torch.no_grad():
     same = torch.equal(lin(x), torch.mv(lin.weight, x) + lin.bias)
-print(native.available(), same, native.unavailable_reason(), sep="|")
+fused = PagedBatch(PagedKVStore(1, 4, 16, 2, 64, torch.bfloat16), [Segment(3, 1, [0])]).fused_decode
+print(native.available(), same, fused, native.unavailable_reason(), sep="|")
 """
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLC_NATIVE_KERNELS": "0"},
                          capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False|True|disabled by MLC_NATIVE_KERNELS=0"
+    assert out.strip() == "False|True|False|disabled by MLC_NATIVE_KERNELS=0"
+
+
+@needs_native
+@pytest.mark.parametrize("rows,dim", [(1, 576), (3, 33)])
+def test_add_rms_norm_is_the_sum_then_the_norm_bit_for_bit(rows, dim):
+    g = torch.Generator().manual_seed(rows + dim)
+    x, h = (torch.randn(2, rows, dim, generator=g) * 3).bfloat16()
+    w = (torch.rand(dim, generator=g) + 0.5).bfloat16()
+    total, y = native.add_rms_norm_bf16(x, h, w, 1e-5)
+    assert torch.equal(total, x + h)
+    assert torch.equal(y, w * torch.nn.functional.rms_norm((x + h).float(), (dim,), None, 1e-5).to(torch.bfloat16))
+
+
+@needs_native
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (3, 40)])
+def test_silu_mul_is_torchs_silu_times_up_within_a_rounding(rows, inter):
+    gate_up = (torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4).bfloat16()
+    ref = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    got = native.silu_mul_bf16(gate_up)
+    # e^x by another polynomial than torch's (Sleef): fp32 silu may differ in its last bits, and so round the other way.
+    assert got.shape == ref.shape and ((got.float() - ref.float()).abs() <= 2 * _bf16_ulp(ref.float())).all()
+    assert (got == ref).float().mean() >= 0.99
