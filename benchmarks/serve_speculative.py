@@ -4,10 +4,13 @@ with and without drafts.
     .venv/bin/python benchmarks/serve_speculative.py [--rounds 2] [--num-prompts 4] [--spec 5] [--dtype bfloat16]
     .venv/bin/python benchmarks/serve_speculative.py --draft-quant int8 [--draft-layers N] --spec 4 ...   # a draft model
 
-Two tasks on SmolLM2-135M-Instruct, one request at a time (batch-1 decode, where drafts pay most):
+Tasks on SmolLM2-135M-Instruct, one request at a time (batch-1 decode, where drafts pay most):
   copy  a copy-heavy task: chat requests "Copy the following text exactly" over paragraphs of mlc's bundled
         eval corpus (mlc/data/corpus/eval.txt), greedy, --output-len tokens (128);
-  chat  mlc's bundled chat corpus (`mlc bench serve --dataset chat`), greedy, --output-len tokens.
+  chat  mlc's bundled chat corpus (`mlc bench serve --dataset chat`), greedy, --output-len tokens;
+  json  structured output (--tasks json): extract a record's fields (name, city, email, and its note, a paragraph of
+        the eval corpus) into JSON under a json_schema response_format (a grammar), greedy; a request ends when the
+        object is complete (or at --output-len tokens).
 Draft model mode (--draft-layers N and/or --draft-quant SCHEME): there is no smaller SmolLM2 here, so the draft is
 made from SmolLM2 itself: its first N decoder layers with its final norm and head (--draft-layers), and/or quantised
 by `mlc quantize --scheme SCHEME --quantize-head` (int8 or int4); the speculative runs add `--draft` to mlc serve.
@@ -45,6 +48,29 @@ def copy_dataset(path: Path, count: int) -> None:
             f.write(json.dumps({"prompt": f"Copy the following text exactly, word for word:\n\n{p[:700]}"}) + "\n")
 
 
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "city": {"type": "string"}, "email": {"type": "string"}, "note": {"type": "string"}},
+    "required": ["name", "city", "email", "note"],
+    "additionalProperties": False,
+}
+PEOPLE = [("Maria Lopez", "Valencia"), ("Kenji Sato", "Osaka"), ("Amara Okafor", "Lagos"), ("Lars Nilsson", "Uppsala"),
+          ("Priya Raman", "Chennai"), ("Tom Becker", "Leipzig"), ("Ana Souza", "Recife"), ("Omar Haddad", "Amman")]
+
+
+def json_dataset(path: Path, count: int) -> None:
+    """Extraction prompts: a record whose fields go into JSON_SCHEMA, the note copied word for word."""
+    paragraphs = [p.strip() for p in (REPO / "mlc/data/corpus/eval.txt").read_text().split("\n\n") if len(p.strip()) > 400]
+    with path.open("w") as f:
+        for i, p in enumerate(paragraphs[:count]):
+            name, city = PEOPLE[i % len(PEOPLE)]
+            email = name.lower().replace(" ", ".") + "@example.org"
+            note = p[:320].rsplit(" ", 1)[0]
+            prompt = (f"Extract the record below into a JSON object with the keys name, city, email and note. Copy each value "
+                      f"exactly as it is written.\n\nName: {name}\nCity: {city}\nEmail: {email}\nNote: {note}")
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+
+
 def make_draft(model: Path, args: argparse.Namespace, work: Path) -> Path:
     """SmolLM2's first --draft-layers layers with its final norm and head, quantised by --draft-quant."""
     from mlc.models import load_model, save_model
@@ -63,7 +89,7 @@ def make_draft(model: Path, args: argparse.Namespace, work: Path) -> Path:
     return draft
 
 
-def measure(model: Path, spec: int, task: str, dataset: Path, args: argparse.Namespace, work: Path) -> dict:
+def measure(model: Path, spec: int, task: str, dataset: Path | None, args: argparse.Namespace, work: Path) -> dict:
     port = 20000 + os.getpid() % 1000
     cmd = [sys.executable, "-m", "mlc", "serve", str(model), "--port", str(port), "--dtype", args.dtype, "--kv-cache-memory", "256MiB",
            "--max-model-len", "2048", "--num-speculative-tokens", str(spec)]
@@ -84,7 +110,9 @@ def measure(model: Path, spec: int, task: str, dataset: Path, args: argparse.Nam
                 sys.exit(f"mlc serve exited with {server.returncode}")
             time.sleep(0.3)
         result = work / f"result-{task}-{spec}.json"
-        data = ["--dataset", "jsonl", "--dataset-path", str(dataset), "--no-shuffle"] if task == "copy" else ["--dataset", "chat"]
+        data = ["--dataset", "jsonl", "--dataset-path", str(dataset), "--no-shuffle"] if task != "chat" else ["--dataset", "chat"]
+        if task == "json":
+            data += ["--extra-body", json.dumps({"response_format": {"type": "json_schema", "json_schema": {"name": "record", "schema": JSON_SCHEMA}}})]
         bench = [sys.executable, "-m", "mlc", "bench", "serve", "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "chat", *data,
                  "--num-prompts", str(args.num_prompts), "--max-concurrency", "1", "--output-len", str(args.output_len), "--temperature", "0",
                  "--tokenizer", str(model), "--save-result", str(result), "--seed", "0"]
@@ -108,7 +136,7 @@ def main() -> None:
     ap.add_argument("--spec", type=int, default=5, help="--num-speculative-tokens of the speculative runs.")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--tasks", default="copy,chat")
+    ap.add_argument("--tasks", default="copy,chat", help="Comma-separated: copy, chat, json.")
     ap.add_argument("--threads", type=int, default=None, help="mlc serve --threads (1 on a machine other jobs oversubscribe).")
     ap.add_argument("--draft-layers", type=int, default=0, help="Draft model: SmolLM2's first N layers, final norm and head (0: all).")
     ap.add_argument("--draft-quant", choices=["int8", "int4"], default=None, help="Draft model: quantised (head included) by mlc quantize.")
@@ -118,9 +146,11 @@ def main() -> None:
         work = Path(tmp)
         args.draft = make_draft(model, args, work) if args.draft_layers or args.draft_quant else None
         print(json.dumps({"loadavg": Path("/proc/loadavg").read_text().split()[:3], "draft": args.draft and args.draft.name}), flush=True)
-        dataset = work / "copy.jsonl"
-        copy_dataset(dataset, args.num_prompts)
+        datasets = {"copy": work / "copy.jsonl", "json": work / "json.jsonl", "chat": None}
+        copy_dataset(datasets["copy"], args.num_prompts)
+        json_dataset(datasets["json"], args.num_prompts)
         for task in args.tasks.split(","):
+            dataset = datasets[task]
             runs: dict[int, list[dict]] = {0: [], args.spec: []}
             for r in range(args.rounds):
                 for spec in ((0, args.spec) if r % 2 == 0 else (args.spec, 0)):

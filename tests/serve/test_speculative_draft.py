@@ -120,9 +120,9 @@ def test_greedy_output_and_logprobs_with_a_draft_model_equal_decoding_without_it
     proposals = []  # (the sequence's tokens, the draft tokens proposed after them)
     propose = engine.draft.propose
 
-    def spy(items):
+    def spy(items, guides=None):
         contexts = [list(seq.tokens) for seq, _, _ in items]
-        made = propose(items)
+        made = propose(items, guides)
         proposals.extend(zip(contexts, [p.tokens for p in made]))
         return made
 
@@ -229,20 +229,28 @@ def test_a_draft_model_of_another_vocabulary_is_refused_in_one_line(tiny_hf_mode
 
 @pytest.mark.slow
 def test_a_served_draft_gives_the_same_greedy_text_and_frees_its_blocks_after_a_disconnect(tiny_hf_model, tmp_path):
+    """Also for a request with a grammar (response_format json_schema), through the official openai client."""
+    from mlc.models.tokenizer import load_tokenizer
     from tests.serve.conftest import http, start_server
+    from tests.serve.test_speculative_grammar import FORMAT, TEXTS, check_schema, with_byte_level_tokenizer
+    from tests.serve.test_speculative_grammar import run as run_constrained
 
-    words = [f"w{i}" for i in range(128)]
-    target = _with_tokenizer(tiny_hf_model("llama"), tmp_path / "target", words)
-    draft = _with_tokenizer(tiny_hf_model("llama", num_hidden_layers=1, seed=1), tmp_path / "draft", words)
+    target = with_byte_level_tokenizer(tiny_hf_model("llama"), tmp_path / "target")
+    draft = with_byte_level_tokenizer(tiny_hf_model("llama", num_hidden_layers=1, seed=1), tmp_path / "draft")
     server = start_server(target, tmp_path / "serve", "--draft", str(draft), "--num-speculative-tokens", "3", "--dtype", "float32",
                           "--kv-cache-memory", "4MiB", "--max-model-len", "128")
     try:
-        body = {"model": "target", "prompt": " ".join(words[5:25]), "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+        tok, model = load_tokenizer(target), load_model(target, dtype="float32")
+        body = {"model": "target", "prompt": TEXTS[2], "max_tokens": 20, "temperature": 0, "ignore_eos": True}
         status, out = http(server, "POST", "/v1/completions", body)
         assert status == 200, out
-        ids = generate(load_model(target, dtype="float32"), [int(w[1:]) for w in body["prompt"].split()], 20)[0]
-        assert out["choices"][0]["text"].split() == [words[i] for i in ids]
-        stream = server.client(timeout=30).completions.create(model="target", prompt=body["prompt"], max_tokens=100, temperature=0,
+        assert out["choices"][0]["text"] == tok.decode(generate(model, tok.encode(TEXTS[2]), 20)[0], skip_special_tokens=True)
+        constrained = server.client().completions.create(model="target", prompt=TEXTS[1], max_tokens=60, temperature=0,
+                                                         extra_body={"response_format": FORMAT}).choices[0]
+        reference, engine = run_constrained((model, None, target, None), 0, SamplingParams(temperature=0), prompts=[tok.encode(TEXTS[1])])
+        assert constrained.text == tok.decode(reference[0]) and constrained.finish_reason == "stop"
+        check_schema(engine, reference[0])
+        stream = server.client(timeout=30).completions.create(model="target", prompt=body["prompt"], max_tokens=80, temperature=0,
                                                               extra_body={"ignore_eos": True}, stream=True)
         for k, _ in enumerate(stream):
             if k == 3:

@@ -9,8 +9,11 @@ for every decoding sequence with room for K drafts:
 3. position i keeps d_i with probability min(1, p_i(d_i) / q_i(d_i)); the first position that rejects gets a token
    drawn from norm(max(0, p_i - q_i)) instead and ends the step; when all K are kept, position K+1 adds a token from
    p_{K+1} (the bonus token).
-p and q are the distributions the request samples from (its penalties, logit_bias, temperature, top_k, top_p and
-min_p applied to each model's logits), so each token follows the target's sampling distribution exactly. For a greedy
+p and q are the distributions the request samples from (its penalties, logit_bias, grammar mask, temperature, top_k,
+top_p and min_p applied to each model's logits), so each token follows the target's sampling distribution exactly.
+A request with a grammar (structured.py) draws its drafts under the mask of a GrammarLookahead that follows the
+draft's own tokens, and q_i and p_i are masked alike (both by the grammar after the same tokens, since position i is
+decided only while every draft before it was kept); a proposal ends early where the grammar is complete. For a greedy
 request both are point masses: d_i is kept when it is the target's argmax, and a rejected position gets the target's
 argmax, so greedy output is the output without a draft. Logprobs are the target's, from its own logits, as without one.
 
@@ -108,39 +111,58 @@ class DraftModel:
         back[torch.tensor(order)] = torch.arange(len(items))
         return rows[back]
 
-    def propose(self, items: list[tuple[Any, SequenceSampler, int]]) -> list[Proposal]:
-        """k draft tokens for each (sequence, sampler, k): k batched draft calls, a sequence leaving once it has its k."""
+    def propose(self, items: list[tuple[Any, SequenceSampler, int]], guides: list[Any] | None = None) -> list[Proposal]:
+        """Up to k draft tokens for each (sequence, sampler, k): k batched draft calls, a sequence leaving once it has its
+        k. guides[i] (a GrammarLookahead, or None) masks item i's draws; its proposal ends where the grammar is
+        complete, refuses the draw, or fails (that request alone: the engine's own matcher then decides)."""
+        guides = guides or [None] * len(items)
         props = [Proposal(start=len(seq.tokens), bonus_from_draft=seeded_sampling(s)) for seq, s, _ in items]
         active = [i for i, (_, _, k) in enumerate(items) if k > 0]
         while active:
             rows = self.logits([(items[i][0], props[i].tokens) for i in active])
+            ended = set()
             for row, i in zip(rows, active):
-                prop = props[i]
-                token, q = self.draw(row, _with_tokens(items[i][1], prop.tokens), prop.start + len(prop.tokens))
+                prop, guide = props[i], guides[i]
+                try:
+                    allowed = guide.allowed() if guide is not None else None
+                    token, q = self.draw(row, _with_tokens(items[i][1], prop.tokens), prop.start + len(prop.tokens), allowed)
+                    if guide is not None and not guide.take(token):
+                        ended.add(i)
+                        continue
+                except Exception:  # noqa: BLE001 - this request's grammar: its proposal ends here
+                    if guide is None:
+                        raise
+                    ended.add(i)
+                    continue
                 prop.tokens.append(token)
                 prop.probs.append(q)
-            active = [i for i in active if len(props[i].tokens) < items[i][2]]
+                if guide is not None and guide.done():
+                    ended.add(i)
+            active = [i for i in active if len(props[i].tokens) < items[i][2] and i not in ended]
         return props
 
-    def draw(self, row: torch.Tensor, sampler: SequenceSampler, position: int) -> tuple[int, torch.Tensor | None]:
-        """(draft token at position, the distribution q it was drawn from, None for greedy) from a row of draft logits."""
-        row = _processed(row, sampler)
+    def draw(self, row: torch.Tensor, sampler: SequenceSampler, position: int, allowed: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
+        """(draft token at position, the distribution q it was drawn from, None for greedy) from a row of draft logits,
+        under the grammar mask allowed if given."""
+        row = _processed(row, sampler, allowed)
         if sampler.params.greedy:
             return int(row.argmax()), None
         q = distribution(row, sampler.params)
         return race(q, self._generator(sampler, position, DRAW)), q
 
-    def decide(self, row: torch.Tensor, sampler: SequenceSampler, q: torch.Tensor | None, token: int, position: int) -> tuple[int, bool]:
-        """(the token at position, whether it is the draft's) given a row of target logits and the draft's token and q."""
-        row = _processed(row, sampler)
+    def decide(self, row: torch.Tensor, sampler: SequenceSampler, q: torch.Tensor | None, token: int, position: int,
+               allowed: torch.Tensor | None = None) -> tuple[int, bool]:
+        """(the token at position, whether it is the draft's) given a row of target logits, the grammar mask there (if
+        any) and the draft's token and q."""
+        row = _processed(row, sampler, allowed)
         if sampler.params.greedy:
             best = int(row.argmax())
             return best, best == token
         return accept_or_resample(distribution(row, sampler.params), q, token, self._generator(sampler, position, DECIDE))
 
-    def bonus(self, row: torch.Tensor, sampler: SequenceSampler, position: int) -> int:
+    def bonus(self, row: torch.Tensor, sampler: SequenceSampler, position: int, allowed: torch.Tensor | None = None) -> int:
         """The token at position drawn from the target's distribution alone (all drafts kept)."""
-        row = _processed(row, sampler)
+        row = _processed(row, sampler, allowed)
         if sampler.params.greedy:
             return int(row.argmax())
         return race(distribution(row, sampler.params), self._generator(sampler, position, DECIDE))
@@ -183,12 +205,12 @@ def sample_result(row: torch.Tensor, token: int, sampler: SequenceSampler) -> Sa
     return r
 
 
-def _processed(row: torch.Tensor, sampler: SequenceSampler) -> torch.Tensor:
-    """A row of logits in fp32 with the request's penalties and logit_bias applied."""
+def _processed(row: torch.Tensor, sampler: SequenceSampler, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """A row of logits in fp32 with the request's penalties, logit_bias and grammar mask applied (as `sample` does)."""
     row = row.float()
-    if sampler.counts is not None or sampler.bias is not None:
+    if sampler.counts is not None or sampler.bias is not None or allowed is not None:
         row = row.clone()
-        process_row(row, sampler, None)
+        process_row(row, sampler, allowed)
     return row
 
 

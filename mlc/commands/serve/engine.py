@@ -32,6 +32,7 @@ from mlc.commands.serve.draft import DraftModel, Proposal, sample_result, seeded
 from mlc.commands.serve.metrics import ServeMetrics
 from mlc.commands.serve.requests import GenerationRequest, SeqEvent
 from mlc.commands.serve.scheduler import Scheduler, Sequence
+from mlc.commands.serve.structured import GrammarLookahead
 from mlc.commands.serve.textstream import TextStream
 from mlc.kernels.paged_attention import PagedBatch, PagedKVStore, Segment
 from mlc.kernels.sampling import SampleResult, SequenceSampler, sample
@@ -499,10 +500,12 @@ class Engine:
             st.drafts = []
             room = min(self.config.speculative_tokens, spare, st.request.max_tokens - len(st.output) - 1,
                        self.config.max_model_len - len(seq.tokens) - 1)
-            if n == 1 and room > 0 and st.matcher is None and seq.num_computed + 1 == len(seq.tokens):
+            if n == 1 and room > 0 and seq.num_computed + 1 == len(seq.tokens):
                 try:
                     st.ngrams = st.ngrams or NgramIndex()
                     drafts = st.ngrams.propose(seq.tokens, room)
+                    if drafts and st.matcher is not None:  # up to the first token the grammar refuses (nothing consumed)
+                        drafts = drafts[: st.matcher.validate_tokens(drafts)]
                     if drafts and self.scheduler.reserve(seq, 1 + len(drafts)):
                         st.drafts = drafts
                         n = 1 + len(drafts)
@@ -523,43 +526,55 @@ class Engine:
         That is rejection sampling for a draft that proposes one token with certainty: the draft d is kept with
         probability p(d), and a rejected position gets a token drawn from p without d, renormalised, so every token
         comes from the model's own distribution. Greedy output is the non-speculative output, and a seeded request
-        draws the same random numbers for the same tokens.
+        draws the same random numbers for the same tokens. A request with a grammar masks each row by its matcher after
+        the tokens handed out before it, as a step without drafts would (the matcher consumes only handed-out tokens).
         """
         st: SeqState = seq.owner
         drafts, st.drafts = st.drafts, []
         self.metrics.spec_drafts.inc()
         self.metrics.spec_draft_tokens.inc(len(drafts))
         for i in range(len(drafts) + 1):
-            result = sample(logits[i : i + 1], [st.sampler])[0]
+            allowed = self._allowed(st)
+            result = sample(logits[i : i + 1], [st.sampler], [allowed] if allowed is not None else None)[0]
             self.metrics.generation_tokens.inc()
             self._advance(seq, st, result, now)
-            if seq.finished or i == len(drafts) or result.token != drafts[i]:
+            if i == len(drafts) or result.token != drafts[i]:
                 return
-            self.metrics.spec_accepted_tokens.inc()
+            self.metrics.spec_accepted_tokens.inc()  # a kept draft, also one that ends the request
+            if seq.finished:
+                return
             self.scheduler.complete(seq, 1)  # the accepted draft's keys and values were computed in this step
 
     def _propose(self, plan: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         """Give decodes the draft model's proposals (draft.py), within the step's token budget and the blocks free.
 
         A sequence without room for drafts still gets an empty proposal when it samples with a seed, so that every token
-        of a seeded request is decided by the same rule (see draft.py). Requests with a grammar decode without drafts.
+        of a seeded request is decided by the same rule (see draft.py). A request with a grammar proposes under it
+        (a GrammarLookahead: structured.py); one whose matcher cannot be copied decodes this step without drafts.
         """
         spare = self.config.max_batched_tokens - sum(n for _, n in plan)
         items: list[tuple[Sequence, Any, int]] = []
+        guides: list[Any] = []
         for seq, n in plan:
             st: SeqState = seq.owner
             st.drafts, st.proposal = [], None
-            if n == 1 and st.matcher is None and seq.num_computed + 1 == len(seq.tokens):
+            if n == 1 and seq.num_computed + 1 == len(seq.tokens):
+                try:
+                    guide = GrammarLookahead(self.grammars, st.matcher) if st.matcher is not None else None
+                except Exception as e:  # noqa: BLE001 - its own matcher decides at sampling time
+                    log.warning("drafting for %s failed: %s", st.request.request_id, _describe(e))
+                    continue
                 k = max(0, min(self.config.speculative_tokens, spare, st.request.max_tokens - len(st.output) - 1,
                                self.config.max_model_len - len(seq.tokens) - 1))
                 if k and not self.scheduler.reserve(seq, 1 + k):
                     k = 0
                 if k or seeded_sampling(st.sampler):
                     items.append((seq, st.sampler, k))
+                    guides.append(guide)
                     spare -= k
         if items:
             try:
-                proposals = self.draft.propose(items)
+                proposals = self.draft.propose(items, guides)
             except Exception as e:  # noqa: BLE001 - this step decodes without drafts
                 log.warning("the draft model failed; decoding this step without drafts: %s", _describe(e))
                 for seq, _, _ in items:
@@ -599,12 +614,12 @@ class Engine:
                 continue
             st = seq.owner
             try:
-                position = len(seq.tokens)
+                position, allowed = len(seq.tokens), self._allowed(st)
                 if rows is None:
-                    token = self.draft.bonus(row, st.sampler, position)
+                    token = self.draft.bonus(row, st.sampler, position, allowed)
                 else:
-                    drafted, q = self.draft.draw(rows[i], st.sampler, position)
-                    token, _ = self.draft.decide(row, st.sampler, q, drafted, position)
+                    drafted, q = self.draft.draw(rows[i], st.sampler, position, allowed)
+                    token, _ = self.draft.decide(row, st.sampler, q, drafted, position, allowed)
                 self._hand_out(seq, row, token, now)
             except Exception as e:  # noqa: BLE001
                 if not seq.finished:
@@ -620,21 +635,27 @@ class Engine:
         try:
             for i in range(k + 1):
                 position = len(seq.tokens)
-                if i < k:
-                    token, kept = self.draft.decide(logits[i], st.sampler, prop.probs[i], prop.tokens[i], position)
-                elif prop.bonus_from_draft:
+                if i == k and prop.bonus_from_draft:
                     return True
+                allowed = self._allowed(st)  # the grammar after the tokens handed out: the draft's mask there too
+                if i < k:
+                    token, kept = self.draft.decide(logits[i], st.sampler, prop.probs[i], prop.tokens[i], position, allowed)
                 else:
-                    token, kept = self.draft.bonus(logits[i], st.sampler, position), False
+                    token, kept = self.draft.bonus(logits[i], st.sampler, position, allowed), False
                 self._hand_out(seq, logits[i], token, now)
+                if kept:
+                    self.metrics.spec_accepted_tokens.inc()  # also one that ends the request
                 if seq.finished or not kept:
                     return False
-                self.metrics.spec_accepted_tokens.inc()
                 self.scheduler.complete(seq, 1)  # the kept draft's keys and values were computed in this step
             return False
         finally:
             # The draft's cache is right up to the last token handed out (every earlier one was its own draft).
             seq.num_draft_computed = min(seq.num_draft_computed, len(seq.tokens) - 1)
+
+    def _allowed(self, st: SeqState) -> torch.Tensor | None:
+        """The mask of the tokens st's grammar accepts next, or None without a grammar."""
+        return self.grammars.allowed(st.matcher) if st.matcher is not None else None
 
     def _hand_out(self, seq: Sequence, row: torch.Tensor, token: int, now: float) -> None:
         st: SeqState = seq.owner
