@@ -199,14 +199,14 @@ def decode_attention_bf16(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return out
 
 
-def decode_layer_int4(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps1: float, eps2: float, weights: list[int],
+def decode_layer_int4(x: torch.Tensor, ln1: int, ln2: int, eps1: float, eps2: float, weights: ctypes.Array,
                       cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, write_slots: torch.Tensor,
                       slot_table: torch.Tensor, lens: torch.Tensor, q_heads: int, window: int | None) -> torch.Tensor | None:
     """A decoder layer's output (x's shape) for b decode rows x (1, b, hidden) of an int4 model by mlc_decode_layer_int4
     (models/native_decode.py checks what it takes); None where the kernel is not available.
 
-    ln1, ln2: the two RMSNorm weights; weights: (tiles pointer, scales_and_zeros pointer, n, k, group, has_zero) of the
-    q/k/v, o, gate/up and down products, flat; the rest as decode_attention_bf16 takes it.
+    ln1, ln2: addresses of the two RMSNorm weights (bf16); weights: 24 int64, (tiles address, scales_and_zeros address,
+    n, k, group, has_zero) of the q/k/v, o, gate/up and down products; the rest as decode_attention_bf16 takes it.
     """
     lib = _library()
     if lib is None:
@@ -214,8 +214,7 @@ def decode_layer_int4(x: torch.Tensor, ln1: torch.Tensor, ln2: torch.Tensor, eps
     b, hidden = x.shape[1], x.shape[2]
     hkv, slots, d = k_cache.shape
     out = torch.empty_like(x)
-    lib.mlc_decode_layer_int4(x.data_ptr(), out.data_ptr(), b, hidden, ln1.data_ptr(), ln2.data_ptr(), eps1, eps2,
-                              (ctypes.c_int64 * 24)(*weights), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
+    lib.mlc_decode_layer_int4(x.data_ptr(), out.data_ptr(), b, hidden, ln1, ln2, eps1, eps2, weights, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
                               v_cache.data_ptr(), slots, write_slots.data_ptr(), slot_table.data_ptr(), slot_table.numel() // b,
                               lens.data_ptr(), q_heads, hkv, d, window or 0, d**-0.5, torch.get_num_threads())
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -66,3 +68,19 @@ def test_one_native_call_per_int4_layer_gives_the_modules_bits(int4_model, monke
     assert torch.equal(fast, modules)
     assert all(torch.equal(a, b) for a, b in zip(fast_store.k + fast_store.v, module_store.k + module_store.v))
     assert fast.abs().max() > 0
+
+
+@needs_native
+def test_the_layer_kernel_follows_swapped_modules_and_steps_aside_for_hooks(int4_model, monkeypatch):
+    model = copy.deepcopy(int4_model)
+    _decode(model, monkeypatch, native_layers=True)  # each layer's arguments are worked out and kept
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = _int4(torch.nn.Linear(128, 128), False, torch.Generator().manual_seed(5))  # stale addresses would read the old one
+    model.model.layers[1].input_layernorm.register_forward_hook(lambda *a: None)  # a hook must see the module run
+    calls = []
+    kernel = native.decode_layer_int4
+    monkeypatch.setattr(native, "decode_layer_int4", lambda *a: calls.append(1) or kernel(*a))
+    fast, _ = _decode(model, monkeypatch, native_layers=True)
+    assert len(calls) == 6  # layer 0 only
+    modules, _ = _decode(model, monkeypatch, native_layers=False)
+    assert torch.equal(fast, modules)
