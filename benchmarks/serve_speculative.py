@@ -53,6 +53,9 @@ JSON_SCHEMA = {
     "properties": {"name": {"type": "string"}, "city": {"type": "string"}, "email": {"type": "string"}, "note": {"type": "string"}},
     "required": ["name", "city", "email", "note"],
     "additionalProperties": False,
+    # Written as json.dumps writes it (tool calls are forced so too): with free whitespace, SmolLM2-135M fills the
+    # object with blank lines.
+    "x-guidance": {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
 }
 PEOPLE = [("Maria Lopez", "Valencia"), ("Kenji Sato", "Osaka"), ("Amara Okafor", "Lagos"), ("Lars Nilsson", "Uppsala"),
           ("Priya Raman", "Chennai"), ("Tom Becker", "Leipzig"), ("Ana Souza", "Recife"), ("Omar Haddad", "Amman")]

@@ -113,6 +113,23 @@ def counters(engine: Engine) -> tuple[float, float]:
     return m.spec_draft_tokens._value.get(), m.spec_accepted_tokens._value.get()
 
 
+def test_ngram_drafts_are_cut_at_the_grammars_first_refusal_or_replaced_by_the_tokens_it_forces(setup):
+    from mlc.commands.serve.engine import _grammar_drafts
+
+    tok = load_tokenizer(setup[2])
+    grammars = GrammarFactory(tok.backend.to_str(), setup[0].config.vocab_size, tok.eos_token_ids)
+    matcher = grammars.matcher(grammars.grammar(FORMAT))
+    ids = lambda text: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    matcher.consume_tokens(ids('{"city": "Ro'))
+    # "me" fits the string, '", "days": 2, "note' too, but then a fourth key does not.
+    assert _grammar_drafts(matcher, ids('me", "days": 2, "city": "'), 12) == ids('me", "days": 2, "')
+    matcher.consume_tokens(ids('me"'))
+    forced = ids(', "days": ')
+    assert _grammar_drafts(matcher, ids(', "note'), 12) == forced[: len(matcher.compute_ff_tokens())]  # more than the lookup's
+    assert len(matcher.compute_ff_tokens()) > 2 and _grammar_drafts(matcher, [], 2) == forced[:2]
+    assert tok.decode(_grammar_drafts(matcher, ids(', "days": 3, "note": "'), 12)) == ', "days": 3, "note": "'  # the longer
+
+
 def test_greedy_constrained_output_is_identical_with_ngram_drafts_and_with_a_draft_model(setup):
     target, draft, _, _ = setup
     greedy = SamplingParams(temperature=0)

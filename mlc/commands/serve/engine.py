@@ -504,8 +504,8 @@ class Engine:
                 try:
                     st.ngrams = st.ngrams or NgramIndex()
                     drafts = st.ngrams.propose(seq.tokens, room)
-                    if drafts and st.matcher is not None:  # up to the first token the grammar refuses (nothing consumed)
-                        drafts = drafts[: st.matcher.validate_tokens(drafts)]
+                    if st.matcher is not None:
+                        drafts = _grammar_drafts(st.matcher, drafts, room)
                     if drafts and self.scheduler.reserve(seq, 1 + len(drafts)):
                         st.drafts = drafts
                         n = 1 + len(drafts)
@@ -770,6 +770,16 @@ def _adapter_rows(plan: list[tuple[Sequence, int]]) -> list[tuple[Any, torch.Ten
             rows.setdefault(adapter, []).extend(range(start, start + n))
         start += n
     return [(a, None if len(r) == start else torch.tensor(r, dtype=torch.long)) for a, r in rows.items()]
+
+
+def _grammar_drafts(matcher: Any, drafts: list[int], room: int) -> list[int]:
+    """A grammar request's n-gram drafts up to the first token its grammar refuses (checked without consuming), or the
+    tokens the grammar forces next (keys, quotes, separators: llguidance's fast-forward tokens) when those are more."""
+    drafts = drafts[: matcher.validate_tokens(drafts)] if drafts else drafts
+    forced = matcher.compute_ff_tokens()[:room]
+    if len(forced) > len(drafts):
+        drafts = forced[: matcher.validate_tokens(forced)]
+    return drafts
 
 
 def _notify(sink: Callable[[SeqEvent], None], event: SeqEvent) -> None:
