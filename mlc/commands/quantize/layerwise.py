@@ -7,7 +7,8 @@ outputs, with the quantisation error of every block so far in them, are the next
 A statistic that does not compensate earlier error (LLM.int8's outlier threshold) takes the original
 block's outputs from the first run instead, which halves the forward passes and skips the slowest
 one (LLM.int8's activation rounding). Peak memory is one block plus the hidden states (bf16),
-whatever the model's depth.
+whatever the model's depth. LLM.int8's maxima of a dense block come from a fused forward (calib_forward.py)
+where its native kernels build; every other statistic hooks the block's own modules.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mlc.commands.quantize.calib_forward import GROUPS, FusedBlock, fused_block
 from mlc.commands.quantize.memory import activations_on_heap
 from mlc.io.safetensors_reader import ModelTensors
 from mlc.kernels.quant_linear import quant_linear
@@ -149,11 +151,13 @@ def _calibrate_stage(
     stage: nn.Module, names: dict[str, str], jobs: dict[str, LayerJob], run: Callable[[torch.Tensor], torch.Tensor],
     hidden: torch.Tensor, rows: int, tensors: Any, results: dict[str, Any], keep: Callable[[str, torch.Tensor, QuantWeight], Any],
     outputs: bool = True, smooth: tuple[Smooth, str, dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    fused: FusedBlock | None = None,
 ) -> torch.Tensor | None:
     """Gather statistics, quantise the stage's Linears, swap them in, and return the stage's new outputs.
 
     names maps a Linear's name inside the stage to its name in the checkpoint. smooth is (the transform, the
-    stage's prefix, where its changed non-Linear tensors go, where its summary goes).
+    stage's prefix, where its changed non-Linear tensors go, where its summary goes). fused, the stage's fused
+    calibration forward, gathers LLM.int8's maxima instead of run where every statistic is one.
     """
     stats: dict[str, Any] = {}
     handles = []
@@ -168,15 +172,27 @@ def _calibrate_stage(
 
     for local, full in names.items():
         job = jobs[full]
-        if job.statistic is None:
-            continue
-        linear = stage.get_submodule(local)
-        stats[full] = STATS[job.statistic](linear.in_features)
-        handles.append(linear.register_forward_pre_hook(lambda m, args, full=full: gather(full, args[0])))
+        if job.statistic is not None:
+            stats[full] = STATS[job.statistic](stage.get_submodule(local).in_features)
+    # LLM.int8's maxima from the fused forward (calib_forward.py) where it runs this block; hooks on the module otherwise.
+    maxima: dict[str, torch.Tensor] = {}
+    group_of = {full: GROUPS.get(local) for local, full in names.items() if full in stats}
+    if fused is not None and stats and all(type(stat) is AbsMaxStat for stat in stats.values()) and None not in group_of.values():
+        for full, group in group_of.items():
+            maxima.setdefault(group, torch.zeros_like(stats[full].max))
+    else:
+        for local, full in names.items():
+            if full in stats:
+                handles.append(stage.get_submodule(local).register_forward_pre_hook(lambda m, args, full=full: gather(full, args[0])))
     # Without error to compensate, the first run's outputs (the original block's) are the next inputs.
     reuse = outputs and bool(stats) and not any(type(stat).quantised_inputs for stat in stats.values())
     first_outputs = torch.empty_like(hidden) if reuse else None
-    if stats:
+    if maxima:
+        assert fused is not None
+        with activations_on_heap():
+            for s in range(0, hidden.shape[0], rows):
+                fused(hidden[s : s + rows], maxima, outputs, None if first_outputs is None else first_outputs[s : s + rows])
+    elif stats:
         with activations_on_heap():
             for s in range(0, hidden.shape[0], rows):
                 cache.clear()
@@ -190,6 +206,9 @@ def _calibrate_stage(
             cache.clear()
     for h in handles:
         h.remove()
+    if maxima:
+        for full, group in group_of.items():
+            torch.maximum(stats[full].max, maxima[group], out=stats[full].max)
     changed: dict[str, torch.Tensor] = {}
     if smooth is not None:
         fn, prefix, overrides, summary = smooth
@@ -202,14 +221,16 @@ def _calibrate_stage(
                 continue
             overrides[name] = t
             stage.get_parameter(name[len(prefix):]).data = t.to(COMPUTE_DTYPE)  # the outputs run with it
+    runs_again = outputs and first_outputs is None  # only then the quantised modules compute anything here
     for local, full in names.items():
         linear = stage.get_submodule(local)
         weight = changed.get(f"{full}.weight")
         weight = tensors.read(f"{full}.weight", torch.float32) if weight is None else weight
         stat = stats[full].value() if full in stats else None
         q = jobs[full].quantize(weight, stat)
-        bias = linear.bias.detach() if linear.bias is not None else None
-        set_module(stage, local, quant_linear(q, bias))
+        if runs_again:
+            bias = linear.bias.detach() if linear.bias is not None else None
+            set_module(stage, local, quant_linear(q, bias))
         results[full] = keep(full, weight, q)
     if first_outputs is not None:
         return first_outputs
@@ -243,6 +264,7 @@ def quantize_layerwise(
     layers = model.model.layers
     total = len(layers) + 1
     last = max((i for i, _ in enumerate(layers) if any(n.startswith(f"model.layers.{i}.") for n in jobs)), default=-1)
+    absmax_only = {job.statistic for job in jobs.values()} - {None} == {"absmax"}  # LLM.int8: the fused forward may run
     for i, layer in enumerate(layers):
         prefix = f"model.layers.{i}."
         names = {n[len(prefix):]: n for n in jobs if n.startswith(prefix)}
@@ -252,7 +274,7 @@ def quantize_layerwise(
             block_smooth = (smooth, prefix, overrides if overrides is not None else {}, summary if summary is not None else {}) if smooth else None
             needed = i < last or "lm_head" in jobs  # the last quantised block's outputs feed nothing that is quantised
             hidden = _calibrate_stage(layer, names, jobs, lambda h: layer(h, cos, sin)[0], hidden, rows, tensors, results, keep,
-                                      outputs=needed, smooth=block_smooth)
+                                      outputs=needed, smooth=block_smooth, fused=fused_block(layer, cos, sin) if absmax_only else None)
         else:  # nothing to quantise here, but its outputs still feed the blocks that follow
             layer.to_empty(device="cpu")
             _materialize(layer, prefix, tensors, COMPUTE_DTYPE)
