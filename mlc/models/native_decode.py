@@ -5,7 +5,7 @@ a dozen native or torch calls, each with its Python and dispatch overhead, aroun
 microseconds. For a layer of the common form (RMSNorm, fused q/k/v, o, fused gate/up and down as int4 IntLinears
 on torch's tiles, no biases, no hooks) of a decode-only step over the paged store (PagedBatch.fused_decode), the
 whole layer runs in C instead: the same kernels in the same order as the module path, so the same bits
-(tests/kernels), in one OpenMP parallel region. Anything else returns None and the modules run as usual.
+(tests/models/test_native_decode.py), in one OpenMP parallel region. Anything else returns None and the modules run as usual.
 """
 
 from __future__ import annotations
