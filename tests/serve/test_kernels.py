@@ -62,15 +62,6 @@ def test_greedy_top_k_1_and_a_tiny_top_p_all_pick_the_argmax():
         assert [r.token for r in sample(logits, samplers([p, p], 4))] == [1, 0]
 
 
-def test_plain_greedy_rows_pick_what_the_fp32_path_picks_on_bf16_logits_ties_included():
-    torch.manual_seed(0)
-    logits = torch.cat([torch.tensor([[0.5, 2.0, 2.0, -1.0] * 16, [1.0, 3.0, 0.0, 3.0] * 16]), torch.randn(3, 64) * 8]).bfloat16()
-    plain = sample(logits, samplers([SamplingParams(temperature=0)] * 5, 64))  # the argmax of the bf16 rows
-    fp32 = sample(logits, samplers([SamplingParams(temperature=0, logprobs=0)] * 5, 64))  # logprobs: through fp32
-    assert [r.token for r in plain] == [r.token for r in fp32] == logits.float().argmax(-1).tolist()
-    assert [r.token for r in plain][:2] == [1, 1] and plain[0].logprob is None and fp32[0].logprob is not None
-
-
 def test_a_seeded_request_samples_the_same_tokens_whatever_shares_its_batch():
     torch.manual_seed(0)
     logits = torch.randn(5, 50)
