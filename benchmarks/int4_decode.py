@@ -18,7 +18,8 @@ the int4 model (eager, and compiled with --compile) against llama.cpp on the sam
 benchmarks/serve_vs_peers.py's rows (its models, GGUFs, llama.cpp build and timing), without its other rows. The engine
 runs one sequence at a time, so --compile compiles only the batch-1 kind of decode step (the graph `mlc serve --compile`
 swaps in first). --breakdown also prints where each engine step's time goes (schedule, the model's forward, the output
-head, sampling, handing the token out, the rest), wall and CPU milliseconds per step, timed in the same runs.
+head, sampling, handing the token out, the rest), wall and CPU milliseconds per step, timed in the same runs (the
+compiled engine's prefill steps run eagerly and fall in "the rest"; the eager engine's are in its model forward).
 """
 
 from __future__ import annotations
