@@ -171,7 +171,8 @@ void mlc_decode_attention_bf16(const uint16_t *qkv, int64_t qkv_stride, const ui
                                int64_t hkv, int64_t d, int64_t window, float scale, uint16_t *out, int threads) {
     const decode_step s = {qkv, cos, sin, k_cache, v_cache, out, write_slots, table, lens,
                            qkv_stride, slots, table_stride, b, hq, hkv, d, window, scale};
-    const int parallel = threads > 1 && rope_and_store(&s) >= PARALLEL_WORK;
+    const int64_t work = rope_and_store(&s); /* always: it writes the cache (not inside the && below, which skips it at 1 thread) */
+    const int parallel = threads > 1 && work >= PARALLEL_WORK;
     #pragma omp parallel for num_threads(parallel ? threads : 1) schedule(dynamic, 1) if (parallel)
     for (int64_t u = 0; u < b * hkv; u++) attend_unit(&s, u);
 }

@@ -48,6 +48,12 @@ def _key(parts: tuple) -> tuple:
     return (*parts, *int4, w1.data_ptr(), w1.dtype, w2.data_ptr(), w2.dtype)
 
 
+def _same(a: tuple, b: tuple) -> bool:
+    """Whether two keys hold the same objects: tensors by identity (== on tensors compares elements, and a tuple's !=
+    would raise on it), everything else by value."""
+    return len(a) == len(b) and all(x is y or (not isinstance(x, torch.Tensor) and x == y) for x, y in zip(a, b))
+
+
 def _plan(layer: torch.nn.Module, parts: tuple) -> tuple | None:
     """The kernel's per-layer arguments (int4 weights as a ctypes array, norm weights, eps, heads, window, layer index),
     or None where the layer is not of the form the kernel takes."""
@@ -76,7 +82,7 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
         return None
     key = _key(parts)
     cached = layer.__dict__.get("_native_decode_plan")
-    if cached is None or cached[0] != key:
+    if cached is None or not _same(cached[0], key):
         cached = (key, _plan(layer, parts))
         layer.__dict__["_native_decode_plan"] = cached  # the key holds the tensors the pointers point into
     plan = cached[1]

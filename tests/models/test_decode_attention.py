@@ -64,7 +64,9 @@ def _exact(store: PagedKVStore, qkv, cos, sin, window):
 
 @needs_native
 @pytest.mark.parametrize("window", [None, 24])
-def test_native_decode_attention_matches_the_torch_path_and_exact_attention(window):
+@pytest.mark.parametrize("threads", [1, 2])  # one thread once skipped the rotation and the cache write
+def test_native_decode_attention_matches_the_torch_path_and_exact_attention(window, threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     store, batch, qkv, cos, sin = _step(1)
     assert batch.fused_decode
     ref_store, ref_batch, _, _, _ = _step(1)

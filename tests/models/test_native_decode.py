@@ -84,3 +84,14 @@ def test_the_layer_kernel_follows_swapped_modules_and_steps_aside_for_hooks(int4
     assert len(calls) == 6  # layer 0 only
     modules, _ = _decode(model, monkeypatch, native_layers=False)
     assert torch.equal(fast, modules)
+
+
+@needs_native
+def test_the_layer_kernel_follows_tensors_replaced_inside_the_same_modules(int4_model, monkeypatch):
+    model = copy.deepcopy(int4_model)
+    _decode(model, monkeypatch, native_layers=True)
+    down = model.model.layers[0].mlp.down_proj
+    down._tiles = down._tiles.clone()  # what a device move or cast does: same module, new tensor of the same shape
+    fast, _ = _decode(model, monkeypatch, native_layers=True)
+    modules, _ = _decode(model, monkeypatch, native_layers=False)
+    assert torch.equal(fast, modules)
