@@ -112,6 +112,8 @@ def launch(model: Path, cache: Path, compile: bool, tokens: int, reps: int, log:
     text = log.read_text()
     if m := re.search(r"(\d+) graphs loaded from the cache, (\d+) built", text):
         out["cache_hits"], out["built"] = int(m.group(1)), int(m.group(2))
+    if re.search(r"stay eager \([^)]*\bsingle\b", text):  # int4 layers run natively at batch 1: full speed from the start
+        out["single_s"], out["single_eager"] = out["health_s"], True
     if m := re.search(r"decode step 'single' in use after [0-9.]+s \(graphs: (\d+) loaded from the cache, (\d+) built\)", text):
         out["single_hits"], out["single_built"] = int(m.group(1)), int(m.group(2))
     return out
@@ -143,7 +145,7 @@ def main() -> None:
         for name in ("cold", "warm"):
             r, goal = rows[name], {"cold": 120, "warm": 20}[name]
             print(f"{name}: /health 200 after {r['health_s']:.1f}s (goal 15: {'met' if r['health_s'] <= 15 else 'NOT met'}); "
-                  f"batch-1 compiled step in use after {r['single_s']:.1f}s (goal {goal}: {'met' if r['single_s'] <= goal else 'NOT met'}), "
+                  f"batch-1 {'step at full speed (eager by design)' if r.get('single_eager') else 'compiled step in use'} after {r['single_s']:.1f}s (goal {goal}: {'met' if r['single_s'] <= goal else 'NOT met'}), "
                   f"every kind after {r['all_s']:.1f}s; decode {r['tok_s']:.1f} tok/s compiled"
                   + (f" vs {eager:.1f} eager ({r['tok_s'] / eager:.2f}x)" if eager else ""))
         if "eager" in rows:

@@ -94,3 +94,16 @@ def decode_layer(layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin
         return None
     return native.decode_layer_int4(x, ln1, ln2, eps1, eps2, weights, cos, sin, kc, vc, cache.write_slots, cache.decode_gather,
                                     cache.decode_lens, hq, window)
+
+
+def runs_every_layer(model: torch.nn.Module) -> bool:
+    """Whether every decoder layer of model runs a decode step of fewer than PREFILL_ROWS rows as one native call
+    (fused int4 layers of the form above, the native kernels built), so that a compiled graph has nothing to gain there."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not layers or not native.available():
+        return False
+    for layer in layers:
+        parts = _parts(layer)
+        if parts is None or any(m._forward_hooks or m._forward_pre_hooks for m in (layer, *parts)) or _plan(layer, parts) is None:
+            return False
+    return True

@@ -95,3 +95,15 @@ def test_the_layer_kernel_follows_tensors_replaced_inside_the_same_modules(int4_
     fast, _ = _decode(model, monkeypatch, native_layers=True)
     modules, _ = _decode(model, monkeypatch, native_layers=False)
     assert torch.equal(fast, modules)
+
+
+@needs_native
+def test_compile_leaves_the_steps_the_layer_kernel_runs_eager(int4_model):
+    from mlc.commands.serve import compiling
+
+    kinds = compiling.kinds_for(32)
+    assert native_decode.runs_every_layer(int4_model)
+    assert compiling.eager_kinds(int4_model, kinds) == ["single", "ragged", "equal"]  # 16 rows: the compiled graph
+    model = copy.deepcopy(int4_model)
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(128, 128).bfloat16()  # one layer the kernel cannot run
+    assert not native_decode.runs_every_layer(model) and compiling.eager_kinds(model, kinds) == []

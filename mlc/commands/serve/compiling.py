@@ -8,7 +8,8 @@ sequences, where the quantised kernels change path); once the throwaway requests
 engine is handed the compiled step for it through Engine.call, so the swap happens between two engine steps
 and never inside one. Steps of kinds not compiled yet, and prefill steps (whose many prompt-chunk shapes would
 each cost a compile), stay eager. A failure in the compile thread only logs one line: the server goes on
-eagerly.
+eagerly. For an int4 model whose layers run a small decode step as one native call each (models/native_decode.py),
+the kinds below 16 sequences are left eager (eager_kinds): that beats any graph that calls the kernels one by one.
 
 torch's inductor keeps compiled graphs (FX-graph and AOTAutograd caches) and the built kernels in
 TORCHINDUCTOR_CACHE_DIR; that is pointed at $MLC_CACHE/compile/<key>, the key naming what the code depends on (the
@@ -74,6 +75,17 @@ def kinds_for(max_running: int) -> list[tuple[str, list[tuple[int, ...]]]]:
     return [(k, r) for k, r in KINDS if (max_running >= 2 or k == "single") and (max_running >= 16 or not k.endswith("-16"))]
 
 
+def eager_kinds(model: Any, kinds: list[tuple[str, list[tuple[int, ...]]]]) -> list[str]:
+    """The kinds better left eager: steps of fewer than 16 sequences of a model whose every layer then runs as one native
+    call (int4 layers, models/native_decode.py), which a compiled graph cannot call. Measured on SmolLM2 int4, batch 1,
+    quiet: 141.9 tok/s eager against 84.2 with the compiled step (benchmarks/RESULTS.md, issue 19)."""
+    from mlc.models import native_decode
+
+    if not native_decode.runs_every_layer(model):
+        return []
+    return [k for k, _ in kinds if not k.endswith("-16")]
+
+
 def cache_key(model: Any, dtype: torch.dtype) -> str:
     """What the compiled code depends on, hashed: a different model shape, scheme, version or CPU gets its own directory."""
     from mlc import __version__
@@ -118,6 +130,8 @@ class DecodeCompiler:
     def __init__(self, engine: Any):
         self.engine = engine
         self.kinds = kinds_for(engine.config.max_running)
+        self.eager = eager_kinds(engine.model, self.kinds)  # served eagerly on purpose, never compiled
+        self.kinds = [(k, r) for k, r in self.kinds if k not in self.eager]
         self.state = "compiling"
         self.error: str | None = None
         self.ready: list[str] = []
@@ -143,6 +157,12 @@ class DecodeCompiler:
         engine = self.engine
         self.started = time.monotonic()
         hits0, misses0 = cache_counts()
+        if self.eager:
+            console.info(f"decode steps of fewer than 16 sequences stay eager ({', '.join(self.eager)}): each layer of this "
+                         "int4 model runs as one native call there, faster than a compiled graph")
+        if not self.kinds:
+            self.state = "compiled"
+            return
         try:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 32)
             self.cache = use_compile_cache(engine.model, engine.dtype)
