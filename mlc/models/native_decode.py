@@ -17,6 +17,15 @@ import torch
 from mlc.kernels import decode_attention, native
 from mlc.kernels.quant_linear import PREFILL_ROWS, IntLinear
 
+# The exact module types (not subclasses, whose forward may differ) whose work the layer kernel does: the dense SwiGLU
+# MLP and RMSNorm of models/transformer.py, which registers them at import (it imports this module, so this one does not
+# import it back).
+_MODULE_TYPES: dict[str, type] = {}
+
+
+def register_module_types(mlp: type, norm: type) -> None:
+    _MODULE_TYPES.update(mlp=mlp, norm=norm)
+
 
 def _int4(m: object) -> list[int] | None:
     """(tiles, scales_and_zeros, n, k, group, has_zero) of an int4 IntLinear the layer kernel can run, else None."""
@@ -57,10 +66,9 @@ def _same(a: tuple, b: tuple) -> bool:
 def _plan(layer: torch.nn.Module, parts: tuple) -> tuple | None:
     """The kernel's per-layer arguments (int4 weights as a ctypes array, norm weights, eps, heads, window, layer index),
     or None where the layer is not of the form the kernel takes."""
-    from mlc.models.transformer import MLP, RMSNorm
-
     attn, ffn, ln1, ln2, *linears = parts
-    if type(ffn) is not MLP or type(ln1) is not RMSNorm or type(ln2) is not RMSNorm:
+    norm = _MODULE_TYPES.get("norm")
+    if type(ffn) is not _MODULE_TYPES.get("mlp") or type(ln1) is not norm or type(ln2) is not norm:
         return None
     if ln1.weight.dtype != torch.bfloat16 or ln2.weight.dtype != torch.bfloat16 or not (ln1.weight.is_contiguous() and ln2.weight.is_contiguous()):
         return None

@@ -209,6 +209,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+native_decode.register_module_types(MLP, RMSNorm)
+
+
 class MixtralExpert(nn.Module):
     """SwiGLU with Mixtral's names: w1 = gate, w3 = up, w2 = down."""
 
