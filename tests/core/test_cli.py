@@ -79,8 +79,12 @@ def test_debug_flag_shows_the_traceback(tmp_path: Path):
 def test_ctrl_c_exits_130_and_marks_the_run_interrupted(plugin_site: Path, tmp_path: Path):
     env = {**os.environ, "PYTHONPATH": str(plugin_site), "MLC_RUNS_DIR": str(tmp_path / "runs")}
     marker = tmp_path / "started"
+    # The child starts with Ctrl-C's default disposition, as under a terminal. It inherits an ignored SIGINT otherwise
+    # (as a shell's background job does, and Python then rightly leaves it ignored): in the full suite some earlier
+    # test in the same worker left SIGINT ignored, and the nap slept through the signal.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlc", "nap", "--marker", str(marker)], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "mlc", "nap", "--marker", str(marker)], env=env, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 30
     while not marker.exists() and time.time() < deadline:
